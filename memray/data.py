@@ -1,0 +1,232 @@
+"""Datasets as whole tensors on the training device, with deterministic label noise.
+
+| name          | source                                         | shape     | offline |
+|---------------|------------------------------------------------|-----------|---------|
+| digits        | scikit-learn's 1,797 real 8x8 digits           | (1, 8, 8) | yes     |
+| mnist1d       | the mnist1d package's procedural generator     | (1, 40)   | yes     |
+| mnist         | torchvision (raw idx files)                    | (1,28,28) | --download |
+| fashion_mnist | torchvision (raw idx files)                    | (1,28,28) | --download |
+| cifar10/100   | torchvision (python pickle batches)            | (3,32,32) | --download |
+| svhn          | torchvision (.mat files)                       | (3,32,32) | --download |
+
+The example id of a training example is its index in `x_train`: stable across runs and processes.
+Batches are index tensors into the resident dataset; no per-example Python in the training loop.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+
+DIGITS_SPLIT_SEED = 0  # the fixed 1,400 / 397 split of scikit-learn's digits
+DIGITS_N_TRAIN = 1400
+
+
+class DatasetMissing(FileNotFoundError):
+    """A dataset that needs files which are not there; the message says how to get them."""
+
+
+@dataclass
+class Data:
+    name: str
+    x_train: torch.Tensor  # (N, C, H, W) or (N, C, L), float32, standardised
+    y_train: torch.Tensor  # (N,) given labels (wrong ones for noisy examples)
+    y_true: torch.Tensor  # (N,) original labels
+    noise_mask: torch.Tensor  # (N,) bool, True where the label was replaced
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def n_train(self) -> int:
+        return self.x_train.shape[0]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def clean_ids(self) -> torch.Tensor:
+        return torch.nonzero(~self.noise_mask).flatten()
+
+    def noisy_ids(self) -> torch.Tensor:
+        return torch.nonzero(self.noise_mask).flatten()
+
+    def to(self, device: torch.device | str) -> "Data":
+        return replace(self, **{k: getattr(self, k).to(device) for k in
+                                ("x_train", "y_train", "y_true", "noise_mask", "x_test", "y_test")})
+
+
+# ----------------------------------------------------------------------------- label noise
+def add_label_noise(y: torch.Tensor, num_classes: int, rate: float, seed: int):
+    """Replace the labels of round(rate * N) examples, chosen uniformly from `seed`, with a label
+    drawn uniformly from the *other* classes. Returns (given labels, noise mask)."""
+    g = torch.Generator().manual_seed(seed)
+    n = y.shape[0]
+    n_noisy = int(round(rate * n))
+    idx = torch.randperm(n, generator=g)[:n_noisy]
+    shift = torch.randint(1, num_classes, (n_noisy,), generator=g)
+    given = y.clone()
+    given[idx] = (y[idx] + shift) % num_classes
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return given, mask
+
+
+# ----------------------------------------------------------------------------- loaders
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    tr, te = perm[:DIGITS_N_TRAIN], perm[DIGITS_N_TRAIN:]
+    return x[tr], y[tr], x[te], y[te], 10
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays() -> dict[str, np.ndarray]:
+    """Generate (about 5 s) once per process, and once per machine via an .npz cache."""
+    cache = default_data_dir() / "mnist1d-default-v1.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    d = make_dataset(get_dataset_args())  # 5,000 signals, 80/20 split, the package's fixed seed
+    d = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **d)
+    os.replace(tmp, cache)
+    return d
+
+
+def _mnist1d():
+    d = _mnist1d_arrays()
+    x_tr = torch.tensor(np.asarray(d["x"]), dtype=torch.float32).unsqueeze(1)  # (4000, 1, 40)
+    x_te = torch.tensor(np.asarray(d["x_test"]), dtype=torch.float32).unsqueeze(1)  # (1000, 1, 40)
+    return x_tr, torch.tensor(d["y"]).long(), x_te, torch.tensor(d["y_test"]).long(), 10
+
+
+# torchvision: name -> (class name, expected sub-path under the data dir, classes)
+TORCHVISION = {
+    "mnist": ("MNIST", "MNIST/raw", 10),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", 10),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", 10),
+    "cifar100": ("CIFAR100", "cifar-100-python", 100),
+    "svhn": ("SVHN", "train_32x32.mat + test_32x32.mat", 10),
+}
+# Tests swap entries here for subclasses that skip torchvision's MD5 checks on tiny files.
+TORCHVISION_CLASSES: dict[str, type] = {}
+
+
+def _tv_class(name: str) -> type:
+    if name in TORCHVISION_CLASSES:
+        return TORCHVISION_CLASSES[name]
+    import torchvision.datasets as tvd
+
+    return getattr(tvd, TORCHVISION[name][0])
+
+
+def _open_tv(name: str, root: Path, train: bool, download: bool):
+    cls = _tv_class(name)
+    kw = {"split": "train" if train else "test"} if name == "svhn" else {"train": train}
+    try:
+        return cls(str(root), download=download, **kw)
+    except RuntimeError as e:
+        raise DatasetMissing(
+            f"dataset {name!r} not found under {root} (expected {TORCHVISION[name][1]}): "
+            f"run with --download to fetch it, or pass --data-dir pointing at a folder that holds it"
+            f" [{e}]") from None
+
+
+def _torchvision(name: str, root: Path, download: bool):
+    if download:
+        prepare(name, root, download=True)
+    tr, te = _open_tv(name, root, True, False), _open_tv(name, root, False, False)
+
+    def arrays(ds):
+        if name == "svhn":
+            x, y = np.asarray(ds.data), np.asarray(ds.labels)  # (N, 3, 32, 32)
+        else:
+            x, y = np.asarray(ds.data), np.asarray(ds.targets)
+            x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
+        return torch.tensor(x, dtype=torch.float32) / 255.0, torch.tensor(y, dtype=torch.long)
+
+    x_tr, y_tr = arrays(tr)
+    x_te, y_te = arrays(te)
+    return x_tr, y_tr, x_te, y_te, TORCHVISION[name][2]
+
+
+def prepare(name: str, root: str | os.PathLike, download: bool = False) -> None:
+    """Fetch a torchvision dataset once, under a file lock (safe with many processes)."""
+    if name not in TORCHVISION:
+        return
+    from filelock import FileLock
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{name}.lock")):
+        for train in (True, False):
+            _open_tv(name, root, train, download)
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("MEMRAY_DATA_DIR", Path.home() / ".cache" / "memray" / "data"))
+
+
+def load_data(cfg: DataConfig, data_dir: str | os.PathLike | None = None, download: bool = False,
+              device: torch.device | str = "cpu") -> Data:
+    """Load, standardise (train statistics, per channel), limit, add label noise, move to device."""
+    if cfg.dataset == "digits":
+        x_tr, y_tr, x_te, y_te, k = _digits()
+    elif cfg.dataset == "mnist1d":
+        x_tr, y_tr, x_te, y_te, k = _mnist1d()
+    else:
+        x_tr, y_tr, x_te, y_te, k = _torchvision(cfg.dataset, Path(data_dir or default_data_dir()), download)
+    if cfg.train_limit is not None:
+        x_tr, y_tr = x_tr[: cfg.train_limit], y_tr[: cfg.train_limit]
+    dims = [0] + list(range(2, x_tr.dim()))
+    mean, std = x_tr.mean(dims, keepdim=True), x_tr.std(dims, keepdim=True).clamp_min(1e-6)
+    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    given, mask = add_label_noise(y_tr, k, cfg.noise_rate, cfg.data_seed)
+    return Data(cfg.dataset, x_tr.contiguous(), given, y_tr, mask, x_te.contiguous(), y_te, k).to(device)
+
+
+# ----------------------------------------------------------------------------- batching
+def batches(n: int, batch_size: int, generator: torch.Generator | None, device) -> list[torch.Tensor]:
+    """Index batches over n examples: a fresh permutation from `generator` (None = in order)."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    return list(order.to(device).split(batch_size))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` (reflect-padded crop) and, for 2-D images, random
+    horizontal flips: batched tensor ops on x's device."""
+    B = x.shape[0]
+    spatial = x.shape[2:]
+    shifts = torch.randint(0, 2 * pad + 1, (B, len(spatial)), generator=generator).to(x.device)
+    xp = torch.nn.functional.pad(x, [pad] * (2 * len(spatial)), mode="reflect")
+    if len(spatial) == 1:
+        idx = torch.arange(spatial[0], device=x.device)[None, :] + shifts[:, :1]  # (B, L)
+        out = xp.gather(2, idx[:, None, :].expand(B, x.shape[1], -1))
+    else:
+        H, W = spatial
+        rows = torch.arange(H, device=x.device)[None, :] + shifts[:, :1]  # (B, H)
+        cols = torch.arange(W, device=x.device)[None, :] + shifts[:, 1:]  # (B, W)
+        out = xp.gather(2, rows[:, None, :, None].expand(B, x.shape[1], H, xp.shape[3]))
+        out = out.gather(3, cols[:, None, None, :].expand(B, x.shape[1], H, W))
+        flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out

@@ -1,0 +1,71 @@
+"""The MLflow view of the results store (ARCHITECTURE.md, "MLflow").
+
+Experiment = sweep name. One parent run per sweep (tag `memray.role=sweep`), reused by every
+invocation of that sweep; one child run per trial, nested under it (`mlflow.parentRunId`), tagged
+`trial_key`, likewise reused: a run is never duplicated. Params: the flattened trial config.
+Metrics: `<mode>/<subset>/accuracy` with step = epoch, plus `final/...`. Artifacts: the trial's
+figures from the results store.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from mlflow.tracking import MlflowClient
+from mlflow.entities import Metric, Param
+
+from . import tables
+from .config import ExperimentConfig
+
+
+class MlflowView:
+    def __init__(self, uri: str, sweep: str):
+        self.client = MlflowClient(tracking_uri=uri)
+        self.sweep = sweep
+        exp = self.client.get_experiment_by_name(sweep)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(sweep)
+        found = self.client.search_runs([self.experiment_id], "tags.`memray.role` = 'sweep'", max_results=1)
+        if found:
+            self.parent_id = found[0].info.run_id
+        else:
+            self.parent_id = self.client.create_run(self.experiment_id, run_name=sweep,
+                                                    tags={"memray.role": "sweep"}).info.run_id
+        self._children: dict[str, str] = {}
+
+    def child(self, trial_key: str, exp: dict) -> str:
+        if trial_key in self._children:
+            return self._children[trial_key]
+        found = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{trial_key}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run_id = self.client.create_run(
+                self.experiment_id, run_name=trial_key,
+                tags={"trial_key": trial_key, "mlflow.parentRunId": self.parent_id, "memray.role": "trial"}).info.run_id
+            flat = ExperimentConfig.from_dict(exp).flat()
+            self.client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(flat.items())])
+        self._children[trial_key] = run_id
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        if metrics:
+            ts = 0
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in sorted(metrics.items())])
+
+    def log_figures(self, run_id: str, results: str, trial_key: str) -> int:
+        fs, base = tables.filesystem(results)
+        from pyarrow.fs import FileSelector, FileType
+
+        folder = f"{base}/figures/sweep={self.sweep}/{trial_key}"
+        if fs.get_file_info(folder).type == FileType.NotFound:
+            return 0
+        n = 0
+        with tempfile.TemporaryDirectory() as d:
+            for info in fs.get_file_info(FileSelector(folder)):
+                if info.base_name.endswith(".png"):
+                    with fs.open_input_stream(info.path) as src, open(os.path.join(d, info.base_name), "wb") as dst:
+                        dst.write(src.read())
+                    n += 1
+            if n:
+                self.client.log_artifacts(run_id, d, artifact_path="figures")
+        return n

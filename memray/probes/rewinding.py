@@ -1,0 +1,71 @@
+"""Layer rewinding (EXPERIMENTS.md section 2).
+
+For a converged model and its weight snapshots: for each layer group g and snapshot epoch e,
+replace g's parameters and norm buffers with their epoch-e values, keep every other group final,
+and measure accuracy on train_clean, train_noisy, train_noisy_true and test (batched inference).
+Each (g, e) is an independent work item (`rewind_item`), so callers can spread them over workers.
+
+Models trained with example-tied dropout are measured as trained: training subsets under their
+own tied masks (mode `own`), the test set in mode `all`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data import Data
+from ..dropout import ExampleTiedDropout
+from ..sites import SiteModel
+from ..train import predict
+
+
+def rewind_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor]) -> None:
+    """In place: load layer group `group`'s parameters and buffers from `snapshot`."""
+    sd = model.state_dict()
+    keys = model.group_state_keys(group)
+    with torch.no_grad():
+        for k in keys:
+            sd[k].copy_(snapshot[k].to(sd[k].device))
+
+
+def subset_accuracies(model: SiteModel, data: Data, etd: ExampleTiedDropout | None = None,
+                      train_ids: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracy on train_clean, train_noisy (given label), train_noisy_true and test, in the
+    model's natural mode. `train_ids` restricts the training subsets to a fixed sample."""
+    ids = train_ids if train_ids is not None else torch.arange(data.n_train, device=data.device)
+    own = (lambda i: etd.example_masks(ids[i])) if etd is not None else None
+    logits = predict(model, data.x_train[ids], own)
+    pred = logits.argmax(1)
+    noisy = data.noise_mask[ids]
+    out = {"train_clean": (pred[~noisy] == data.y_train[ids][~noisy]).double().mean().item()}
+    if noisy.any():
+        out["train_noisy"] = (pred[noisy] == data.y_train[ids][noisy]).double().mean().item()
+        out["train_noisy_true"] = (pred[noisy] == data.y_true[ids][noisy]).double().mean().item()
+    fixed = etd.mode_masks("all") if etd is not None else None
+    test_logits = predict(model, data.x_test, (lambda i: fixed) if fixed is not None else None)
+    out["test"] = (test_logits.argmax(1) == data.y_test).double().mean().item()
+    return out
+
+
+def rewind_item(model: SiteModel, final: dict[str, torch.Tensor], snapshot: dict[str, torch.Tensor],
+                group: int, epoch: int, data: Data, etd: ExampleTiedDropout | None = None) -> list[dict[str, Any]]:
+    """Rows for one (group, snapshot epoch): rewinds, measures, then restores the final weights."""
+    rewind_layer(model, group, snapshot)
+    try:
+        acc = subset_accuracies(model, data, etd)
+    finally:
+        rewind_layer(model, group, final)
+    name = model.group_names()[group]
+    return [{"layer_index": group, "layer_name": name, "rewind_epoch": epoch, "subset": s, "accuracy": a}
+            for s, a in acc.items()]
+
+
+def rewinding_rows(model: SiteModel, snapshots: dict[int, dict[str, torch.Tensor]], data: Data,
+                   etd: ExampleTiedDropout | None = None) -> list[dict[str, Any]]:
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = []
+    for g in range(len(model.layer_groups)):
+        for e in sorted(snapshots):
+            rows += rewind_item(model, final, snapshots[e], g, e, data, etd)
+    return rows

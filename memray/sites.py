@@ -1,0 +1,117 @@
+"""The one mask mechanism: per-example unit masks applied at a model's sites.
+
+A *site* is a place where activations have a unit axis (conv channels, MLP neurons, transformer
+MLP features). A mask for a site has shape [batch, units] (one row per example) or [units] (the
+same for every example) and multiplies the activation along the unit axis, broadcast over every
+other axis (spatial positions, tokens). Example-tied dropout, standard dropout at the same sites,
+the ETD evaluation modes and the flip analysis all go through this one mechanism.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+Masks = Sequence[torch.Tensor | None]
+
+
+class _MaskSlot:
+    """Shared, non-module holder of the masks for the forward pass in flight."""
+
+    __slots__ = ("masks",)
+
+    def __init__(self) -> None:
+        self.masks: Masks | None = None
+
+
+class Site(nn.Module):
+    """Identity unless a mask is set for it; then x * mask along `unit_dim`."""
+
+    def __init__(self, units: int, unit_dim: int = 1):
+        super().__init__()
+        self.units = units
+        self.unit_dim = unit_dim  # 1 for [B, C, ...], -1 for [B, T, C]
+        self.index = -1
+        self.slot: _MaskSlot | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks = self.slot.masks if self.slot is not None else None
+        m = masks[self.index] if masks is not None else None
+        if m is None:
+            return x
+        return x * broadcast_mask(m, x, self.unit_dim)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, units={self.units}"
+
+
+def broadcast_mask(m: torch.Tensor, x: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """View a [B, C] or [C] mask so it broadcasts against x along unit_dim."""
+    if unit_dim == -1 or unit_dim == x.dim() - 1:
+        return m if m.dim() == 1 else m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+    trailing = [1] * (x.dim() - 2)
+    if m.dim() == 1:
+        return m.view(1, m.shape[0], *trailing)
+    return m.view(m.shape[0], m.shape[1], *trailing)
+
+
+class SiteModel(nn.Module):
+    """Base for every architecture: `forward(x, masks=None)` with masks per site (or None).
+
+    Subclasses build their layers, implement `body(x)`, and call `self._register_sites()` once at
+    the end of `__init__`. Sites are numbered in module-registration order, which every
+    architecture here keeps equal to forward order (input side first).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._slot = _MaskSlot()
+        self.sites: list[Site] = []
+        self.layer_groups: list[tuple[str, list[str]]] = []  # (name, parameter/buffer prefixes)
+
+    def _register_sites(self) -> None:
+        self.sites = [m for m in self.modules() if isinstance(m, Site)]
+        for i, s in enumerate(self.sites):
+            s.index = i
+            s.slot = self._slot
+
+    @property
+    def site_units(self) -> list[int]:
+        return [s.units for s in self.sites]
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
+        if masks is not None and len(masks) != len(self.sites):
+            raise ValueError(f"got {len(masks)} masks for {len(self.sites)} sites")
+        self._slot.masks = masks
+        try:
+            return self.body(x)
+        finally:
+            self._slot.masks = None
+
+    # -- layer groups ------------------------------------------------------------------------
+    def group_names(self) -> list[str]:
+        return [g for g, _ in self.layer_groups]
+
+    def group_of(self, name: str) -> int:
+        """Index of the layer group that owns a parameter or buffer name."""
+        for gi, (_, prefixes) in enumerate(self.layer_groups):
+            if any(name == p or name.startswith(p + ".") for p in prefixes):
+                return gi
+        raise KeyError(name)
+
+    def group_state_keys(self, gi: int) -> list[str]:
+        """State-dict keys (parameters and norm buffers) of layer group gi."""
+        return [k for k in self.state_dict() if self._owner(k) == gi]
+
+    def group_parameters(self, gi: int) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if self.group_of(n) == gi]
+
+    def _owner(self, key: str) -> int | None:
+        try:
+            return self.group_of(key)
+        except KeyError:
+            return None

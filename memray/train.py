@@ -1,0 +1,264 @@
+"""Deterministic training with per-epoch evaluation, weight snapshots and a full resume state.
+
+`Trainer(cfg, data)` builds the model, its dropout (none, standard, example-tied), optimiser and
+schedule from one `ExperimentConfig`. `run_epoch()` trains one epoch and returns that epoch's
+`evals` rows (and `gradients` rows when gradient accounting is on); `fit()` runs to the end.
+`state_dict()` / `load_state_dict()` capture everything needed to continue bit-for-bit on the CPU:
+model, optimiser, schedule, RNG streams, epoch, metric history. Weight snapshots for rewinding
+live in `trainer.snapshots` ({epoch: state dict on the CPU}); they are kept apart from the resume
+state so a caller can store each one once.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import ExperimentConfig
+from .data import Data, augment, batches
+from .dropout import ExampleTiedDropout, StandardDropout
+from .models import build_model
+from .probes.gradients import GradientAccounting
+from .sites import SiteModel
+
+SUBSETS = ("train_clean", "train_noisy", "train_noisy_true", "test")
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def pick_device() -> torch.device:
+    """The one place the device is chosen: CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_deterministic() -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def predict(model: SiteModel, x: torch.Tensor, masks_for=None, batch_size: int = 1024) -> torch.Tensor:
+    """Logits for all of x in eval mode. masks_for(idx) -> per-site masks for rows idx, or None."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        idx = torch.arange(start, min(start + batch_size, x.shape[0]), device=x.device)
+        out.append(model(x[idx], masks_for(idx) if masks_for is not None else None))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, device=x.device)
+
+
+def subset_metrics(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float, int]:
+    if y.numel() == 0:
+        return float("nan"), float("nan"), 0
+    loss = F.cross_entropy(logits.double(), y, reduction="mean").item()
+    acc = (logits.argmax(1) == y).double().mean().item()
+    return acc, loss, y.numel()
+
+
+def evaluate(model: SiteModel, data: Data, mode: str, etd: ExampleTiedDropout | None = None,
+             train: bool = True, test: bool = True) -> list[dict[str, Any]]:
+    """`evals` rows (mode, subset, accuracy, loss, n) for one evaluation mode.
+
+    plain: no masks; own: each training example's tied mask (train subsets only);
+    all / drop: ETD's fixed masks (see memray.dropout)."""
+    rows = []
+
+    def add(subset, logits, y):
+        acc, loss, n = subset_metrics(logits, y)
+        rows.append({"mode": mode, "subset": subset, "accuracy": acc, "loss": loss, "n": n})
+
+    if mode == "plain":
+        fixed = None
+    elif mode == "own":
+        fixed, test = None, False
+    else:
+        fixed = etd.mode_masks(mode)
+    if train:
+        masks_for = (lambda idx: etd.example_masks(idx)) if mode == "own" else (lambda idx: fixed)
+        logits = predict(model, data.x_train, masks_for if mode != "plain" else None)
+        clean, noisy = ~data.noise_mask, data.noise_mask
+        add("train_clean", logits[clean], data.y_train[clean])
+        if noisy.any():
+            add("train_noisy", logits[noisy], data.y_train[noisy])
+            add("train_noisy_true", logits[noisy], data.y_true[noisy])
+    if test:
+        logits = predict(model, data.x_test, (lambda idx: fixed) if fixed is not None else None)
+        add("test", logits, data.y_test)
+    return rows
+
+
+def eval_modes(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return ("own", "all", "drop") if cfg.dropout.kind == "example_tied" else ("plain",)
+
+
+# ----------------------------------------------------------------------------- schedule
+def lr_factor(schedule: str, step: int, total: int, warmup_frac: float) -> float:
+    t = step / max(1, total)
+    if schedule in ("onecycle", "triangle"):  # linear up to the peak, then linear down to 0
+        w = warmup_frac
+        return t / w if (w > 0 and t < w) else max(0.0, (1 - t) / (1 - w))
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    if schedule == "step":
+        return 0.1 ** (int(t >= 0.5) + int(t >= 0.75))
+    return 1.0
+
+
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, data: Data, device: torch.device | str | None = None):
+        self.cfg = cfg
+        self.device = torch.device(device) if device is not None else pick_device()
+        set_deterministic()
+        self.data = data.to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.model = build_model(cfg.model.arch, cfg.model.resolved_width, self.data.in_shape,
+                                     self.data.num_classes).to(self.device)
+        units = self.model.site_units
+        self.etd = (ExampleTiedDropout(cfg.dropout, units, self.data.n_train, self.device)
+                    if cfg.dropout.kind == "example_tied" else None)
+        self.std_dropout = (StandardDropout(cfg.dropout, units, self.device)
+                            if cfg.dropout.kind == "standard" else None)
+        o = cfg.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if o.optimizer == "sgd":
+            self.opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.steps_per_epoch = math.ceil(self.data.n_train / o.batch_size)
+        total = self.steps_per_epoch * o.epochs
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(o.schedule, s, total, o.warmup_frac))
+        self.gen_batches = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
+        self.gen_dropout = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
+        self.gen_augment = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
+        self.accounting = (GradientAccounting(self.model) if "gradients" in cfg.analyses.run
+                           and self.data.noise_mask.any() else None)
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []  # evals rows, each with its epoch
+        self.grad_rows: list[dict[str, Any]] = []
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self._maybe_snapshot()
+
+    # -- training ---------------------------------------------------------------------------
+    def masks_for_training(self, idx: torch.Tensor):
+        if self.etd is not None:
+            return self.etd.example_masks(idx)
+        if self.std_dropout is not None:
+            return self.std_dropout.train_masks(idx.shape[0], self.gen_dropout)
+        return None
+
+    def run_epoch(self) -> dict[str, list[dict[str, Any]]]:
+        cfg, data, model = self.cfg, self.data, self.model
+        model.train()
+        total_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        if self.accounting is not None:
+            self.accounting.start_epoch()
+        for idx in batches(data.n_train, cfg.optim.batch_size, self.gen_batches, self.device):
+            x, y = data.x_train[idx], data.y_train[idx]
+            if cfg.data.augment:
+                x = augment(x, self.gen_augment)
+            losses = F.cross_entropy(model(x, self.masks_for_training(idx)), y, reduction="none")  # (B,)
+            self.opt.zero_grad(set_to_none=True)
+            if self.accounting is not None:
+                self.accounting.backward(losses, data.noise_mask[idx])
+            else:
+                losses.mean().backward()
+            self.opt.step()
+            self.sched.step()
+            total_loss += losses.detach().sum()
+        self.epoch += 1
+        if not torch.isfinite(total_loss).item():
+            raise Diverged(f"diverged at epoch {self.epoch}: training loss is {total_loss.item()}")
+        out: dict[str, list[dict[str, Any]]] = {"evals": [], "gradients": []}
+        if self.accounting is not None:
+            rows = [{"epoch": self.epoch, **r} for r in self.accounting.end_epoch()]
+            self.grad_rows += rows
+            out["gradients"] = rows
+        self._maybe_snapshot()
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.optim.epochs:
+            rows = [{"epoch": self.epoch, **r} for r in self.evaluate()]
+            self.history += rows
+            out["evals"] = rows
+        return out
+
+    def evaluate(self) -> list[dict[str, Any]]:
+        rows = []
+        for mode in eval_modes(self.cfg):
+            rows += evaluate(self.model, self.data, mode, self.etd)
+        return rows
+
+    def fit(self, on_epoch=None) -> list[dict[str, Any]]:
+        while self.epoch < self.cfg.optim.epochs:
+            out = self.run_epoch()
+            if on_epoch is not None:
+                on_epoch(self, out)
+        return self.history
+
+    def final(self) -> dict[str, float]:
+        """Last evaluation as {'<mode>/<subset>/accuracy': value}."""
+        last = max((r["epoch"] for r in self.history), default=None)
+        return {f"{r['mode']}/{r['subset']}/accuracy": r["accuracy"]
+                for r in self.history if r["epoch"] == last}
+
+    # -- snapshots and resume ---------------------------------------------------------------
+    def _maybe_snapshot(self) -> None:
+        if self.epoch in self.cfg.analyses.snapshot_epochs and self.epoch not in self.snapshots:
+            self.snapshots[self.epoch] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.opt.state_dict()),
+            "scheduler": self.sched.state_dict(),
+            "rng": {"batches": self.gen_batches.get_state(), "dropout": self.gen_dropout.get_state(),
+                    "augment": self.gen_augment.get_state()},
+            "history": copy.deepcopy(self.history),
+            "grad_rows": copy.deepcopy(self.grad_rows),
+            "snapshot_epochs": sorted(self.snapshots),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], snapshots: dict[int, dict] | None = None) -> None:
+        self.epoch = int(state["epoch"])
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.gen_batches.set_state(state["rng"]["batches"])
+        self.gen_dropout.set_state(state["rng"]["dropout"])
+        self.gen_augment.set_state(state["rng"]["augment"])
+        self.history = list(state["history"])
+        self.grad_rows = list(state["grad_rows"])
+        if snapshots is not None:
+            self.snapshots = dict(snapshots)
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().clone()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Checkpoints hold plain dicts of tensors and primitives: loaded without executing code."""
+    return torch.load(path, map_location=device, weights_only=True)

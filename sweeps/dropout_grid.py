@@ -1,0 +1,122 @@
+"""python -m sweeps.dropout_grid: example-tied dropout across datasets, noise rates, memorization-unit
+fractions and architectures, as a Ray Tune grid. Every ETD cell has its no-ETD twin.
+
+    python -m sweeps.dropout_grid                      # the default preset
+    python -m sweeps.dropout_grid --preset smoke       # digits, mlp, ETD vs none, < 2 min
+    python -m sweeps.dropout_grid --noise 0.05,0.1 --p-mem 0.1,0.2 --archs resnet9
+    python -m sweeps.dropout_grid --preset paper --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import sys
+
+from memray.config import ANALYSES, ConfigError, ExperimentConfig
+from memray.data import DatasetMissing, prepare
+
+from .common import UsageError, add_runtime_flags, check_resume, check_runtime, launch, print_dry_run, split_list
+from .presets import PAPER_RESNET9_WIDTH, PRESETS
+
+
+def _width(v: str):
+    return None if v in ("default", "none") else int(v)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sweeps.dropout_grid", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)} [default]")
+    p.add_argument("--datasets"), p.add_argument("--archs"), p.add_argument("--widths")
+    p.add_argument("--noise"), p.add_argument("--p-gen"), p.add_argument("--p-mem")
+    p.add_argument("--dropout", help="kinds besides the always-present twin 'none': example_tied,standard")
+    p.add_argument("--seeds"), p.add_argument("--epochs", type=int)
+    p.add_argument("--analyses", help=f"comma-separated from {list(ANALYSES)}, or 'none'")
+    add_runtime_flags(p)
+    return p
+
+
+def build_configs(args) -> list[ExperimentConfig]:
+    if args.preset not in PRESETS:
+        raise UsageError(f"--preset={args.preset!r} is invalid: one of {sorted(PRESETS)}")
+    pr = copy.deepcopy(PRESETS[args.preset])
+    axes = {
+        "datasets": split_list("--datasets", args.datasets, str) if args.datasets else pr["datasets"],
+        "archs": split_list("--archs", args.archs, str) if args.archs else pr["archs"],
+        "widths": split_list("--widths", args.widths, _width) if args.widths else pr["widths"],
+        "noise": split_list("--noise", args.noise, float) if args.noise else pr["noise"],
+        "p_gen": split_list("--p-gen", args.p_gen, float) if args.p_gen else pr["p_gen"],
+        "p_mem": split_list("--p-mem", args.p_mem, float) if args.p_mem else pr["p_mem"],
+        "dropout": split_list("--dropout", args.dropout, str) if args.dropout else pr["dropout"],
+        "seeds": split_list("--seeds", args.seeds, int) if args.seeds else pr["seeds"],
+    }
+    analyses = pr["analyses"]
+    if args.analyses:
+        analyses = [] if args.analyses == "none" else split_list("--analyses", args.analyses, str)
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs={args.epochs} is invalid: an integer >= 1")
+    base = pr.get("base", {})
+    configs: dict[str, ExperimentConfig] = {}
+    for ds, arch, width, noise, seed in itertools.product(axes["datasets"], axes["archs"], axes["widths"],
+                                                          axes["noise"], axes["seeds"]):
+        epochs = args.epochs or pr["epochs"] or pr["epochs_by_dataset"].get(ds, 50)
+        if width is None and args.preset == "paper" and arch == "resnet9":
+            width = PAPER_RESNET9_WIDTH
+        cells = [("none", None, None)]
+        for kind in axes["dropout"]:
+            if kind == "none":
+                continue
+            cells += [(kind, pg, pm) for pg in axes["p_gen"] for pm in axes["p_mem"]]
+        for kind, pg, pm in cells:
+            d = copy.deepcopy(base)
+            d.setdefault("data", {}).update({"dataset": ds, "noise_rate": noise})
+            d.setdefault("model", {}).update({"arch": arch, "width": width})
+            drop = {"kind": kind}
+            if pg is not None:
+                drop.update({"p_gen": pg, "p_mem": pm})
+            d["dropout"] = drop
+            d.setdefault("optim", {})["epochs"] = epochs
+            d.setdefault("analyses", {})["run"] = list(analyses)
+            snaps = d["analyses"].get("snapshot_epochs")
+            if snaps:  # snapshots past the end are never taken
+                d["analyses"]["snapshot_epochs"] = sorted({e for e in snaps if e <= epochs} | {0})
+            d["seed"] = seed
+            c = ExperimentConfig.from_dict(d)
+            configs.setdefault(c.trial_key, c)
+    return list(configs.values())
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.name is None:
+            args.name = f"dropout_grid-{args.preset}"
+        check_runtime(args)
+        configs = build_configs(args)
+        if args.dry_run:
+            from trainables.trial import resources
+
+            print_dry_run(configs, args, resources(args.cpus_per_trial, args.gpus_per_trial,
+                                                   args.analysis_workers).bundles)
+            return 0
+        check_resume(args, configs)
+        for ds in sorted({c.data.dataset for c in configs}):
+            prepare(ds, args.data_dir or _default_dir(), download=args.download)
+    except (UsageError, ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DatasetMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return launch(args, configs, args.preset)
+
+
+def _default_dir():
+    from memray.data import default_data_dir
+
+    return default_data_dir()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

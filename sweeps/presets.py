@@ -1,0 +1,41 @@
+"""Grid presets for `python -m sweeps.dropout_grid --preset NAME`.
+
+Each preset is the set of axis values plus the base recipe. Every ETD cell has its no-ETD twin
+(dropout none, the same recipe), so the grid always holds the plain baseline.
+"""
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # Seconds: for tests. digits, a narrow mlp, 3 epochs, tiny analysis budgets.
+    "tiny": {
+        "datasets": ["digits"], "archs": ["mlp"], "widths": [64], "noise": [0.1],
+        "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1], "seeds": [0], "epochs": 3,
+        "analyses": ["gradients", "rewind", "retrain"],
+        "base": {"analyses": {"snapshot_epochs": [0, 3], "retrain_max_epochs": 2}},
+    },
+    # Under 2 minutes on 2 cores; meets the ETD acceptance thresholds on digits.
+    "smoke": {
+        "datasets": ["digits"], "archs": ["mlp"], "widths": [512], "noise": [0.1],
+        "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1], "seeds": [0], "epochs": 60,
+        "analyses": ["gradients", "rewind", "retrain"],
+        "base": {"analyses": {"snapshot_epochs": [0, 5, 60], "retrain_max_epochs": 5}},
+    },
+    # The default sweep: both offline datasets x mlp and resnet9 x a p_mem grid, + plain twins.
+    "default": {
+        "datasets": ["digits", "mnist1d"], "archs": ["mlp", "resnet9"], "widths": [None], "noise": [0.1],
+        "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1, 0.2], "seeds": [0], "epochs": 40,
+        "analyses": ["gradients", "rewind", "retrain"],
+        "base": {"analyses": {"snapshot_epochs": [0, 2, 10, 40], "retrain_max_epochs": 10}},
+    },
+    # The authors' recipe on a GPU cluster (EXPERIMENTS.md, "The authors' recipe").
+    "paper": {
+        "datasets": ["mnist", "svhn", "cifar10"], "archs": ["resnet9", "resnet50", "vit_small"],
+        "widths": [None], "noise": [0.05, 0.1, 0.2], "dropout": ["example_tied", "standard"],
+        "p_gen": [0.1, 0.2, 0.4], "p_mem": [0.05, 0.1, 0.2], "seeds": [0, 1, 2], "epochs": None,
+        "analyses": ["gradients", "rewind", "retrain"],
+        "base": {"optim": {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 512, "schedule": "onecycle"},
+                 "analyses": {"snapshot_epochs": [0, 1, 2, 5, 10, 25, 50]}},
+        "epochs_by_dataset": {"mnist": 100, "svhn": 50, "cifar10": 50},
+    },
+}
+PAPER_RESNET9_WIDTH = 64  # the paper's ResNet-9 channels (64, 128, 256, 512)

