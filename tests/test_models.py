@@ -69,18 +69,20 @@ def test_zeroing_a_unit_zeroes_that_activation_for_that_example_only(arch):
     m = build_model(arch, SMALL_WIDTH[arch], (1, 8, 8), 10).eval()
     seen = {}
     site = m.sites[1]
-    site.register_forward_hook(lambda mod, i, o: seen.__setitem__("out", o))
+    site.register_forward_hook(lambda mod, i, o: seen.__setitem__("out", o.detach().clone()))
     x = torch.randn(3, 1, 8, 8)
+    m(x)
+    plain = seen["out"].movedim(site.unit_dim, 1).reshape(3, site.units, -1)  # (B, C, positions)
+    u = int(plain[0].abs().sum(1).argmax())  # a unit that is active for example 0
     masks = [None] * len(m.sites)
     masks[1] = torch.ones(3, site.units)
-    masks[1][0, 2] = 0
+    masks[1][0, u] = 0
     m(x, masks)
-    o = seen["out"]
-    unit_axis = -1 if site.unit_dim == -1 else 1
-    sel0 = o[0].select(unit_axis - 1 if unit_axis == 1 else -1, 2)
-    assert torch.count_nonzero(sel0) == 0
-    m(x)
-    assert torch.count_nonzero(seen["out"][0].select(unit_axis - 1 if unit_axis == 1 else -1, 2)) > 0
+    out = seen["out"].movedim(site.unit_dim, 1).reshape(3, site.units, -1)
+    assert plain[0, u].abs().sum() > 0 and torch.count_nonzero(out[0, u]) == 0
+    keep = torch.ones(site.units, dtype=torch.bool)
+    keep[u] = False
+    assert torch.equal(out[0, keep], plain[0, keep]) and torch.equal(out[1:], plain[1:])
     with pytest.raises(ValueError, match="masks for"):
         m(x, [None])
 
