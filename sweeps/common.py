@@ -142,7 +142,7 @@ def launch(args, configs: list[ExperimentConfig], preset: str, scheduler=None, s
     run_config = tune.RunConfig(name=args.name, storage_path=storage,
                                 storage_filesystem=None if "://" not in args.results_dir else fs,
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
                                 callbacks=callbacks, progress_reporter=reporter, verbose=1)
     exp_path = f"{storage}/{args.name}"
     if args.resume and tune.Tuner.can_restore(exp_path if "://" not in args.results_dir else

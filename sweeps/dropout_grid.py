@@ -60,7 +60,8 @@ def build_configs(args) -> list[ExperimentConfig]:
     configs: dict[str, ExperimentConfig] = {}
     for ds, arch, width, noise, seed in itertools.product(axes["datasets"], axes["archs"], axes["widths"],
                                                           axes["noise"], axes["seeds"]):
-        epochs = args.epochs or pr["epochs"] or pr["epochs_by_dataset"].get(ds, 50)
+        epochs = (args.epochs or pr["epochs"] or pr.get("epochs_by_arch", {}).get(arch)
+                  or pr.get("epochs_by_dataset", {}).get(ds, 50))
         if width is None and args.preset == "paper" and arch == "resnet9":
             width = PAPER_RESNET9_WIDTH
         cells = [("none", None, None)]

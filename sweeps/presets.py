@@ -23,9 +23,10 @@ PRESETS: dict[str, dict] = {
     # The default sweep: both offline datasets x mlp and resnet9 x a p_mem grid, + plain twins.
     "default": {
         "datasets": ["digits", "mnist1d"], "archs": ["mlp", "resnet9"], "widths": [None], "noise": [0.1],
-        "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1, 0.2], "seeds": [0], "epochs": 40,
+        "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1, 0.2], "seeds": [0], "epochs": None,
+        "epochs_by_arch": {"mlp": 60, "resnet9": 15},
         "analyses": ["gradients", "rewind", "retrain"],
-        "base": {"analyses": {"snapshot_epochs": [0, 2, 10, 40], "retrain_max_epochs": 10}},
+        "base": {"analyses": {"snapshot_epochs": [0, 2, 5, 15, 60], "retrain_max_epochs": 4}},
     },
     # The authors' recipe on a GPU cluster (EXPERIMENTS.md, "The authors' recipe").
     "paper": {
