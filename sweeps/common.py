@@ -182,4 +182,4 @@ def print_summary(args, grid) -> None:
     uri = args.mlflow_uri or default_mlflow_uri(args.results_dir)
     print(f"\nTables: {args.results_dir}/tables/<table>/sweep={args.name}/")
     print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(f"Report:     python -m analysis.report --results-dir {args.results_dir} --sweep {args.name}")
+    print(f"Query:      duckdb: read_parquet('{args.results_dir}/tables/evals/*/*.parquet', hive_partitioning=true)")
