@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from memray.config import ARCHS, ExperimentConfig  # noqa: E402
-from memray.data import Data, load_data  # noqa: E402
-from memray.train import Trainer, pick_device  # noqa: E402
+from memray.config import ARCHS, ExperimentConfig
+from memray.data import Data, load_data
+from memray.train import Trainer, pick_device
 
 EPOCHS = int(os.environ.get("BENCH_EPOCHS", "2"))
 

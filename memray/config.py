@@ -207,8 +207,6 @@ class ExperimentConfig:
             raise ConfigError("model.arch", self.model.arch,
                               f"dataset {self.data.dataset!r} is a 1-D signal; {self.model.arch} takes "
                               f"2-D images only (use one of {[a for a in ARCHS if a not in ARCH_REJECTS_1D]})")
-        if self.data.noise_rate == 0 and "flip" in self.analyses.run:
-            pass  # allowed: the flip analysis then runs on clean targets only and says so
         return self
 
     # -- canonical form and key -------------------------------------------------------------
