@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from memray.config import ARCHS, ExperimentConfig
+from memray.config import ARCHS, DataConfig, ExperimentConfig
 from memray.data import Data, load_data
 from memray.train import Trainer, pick_device
 
@@ -36,7 +36,7 @@ def main() -> None:
     out: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda"
                  else f"cpu ({torch.get_num_threads()} threads)", "epochs_timed": EPOCHS, "examples_per_s": {}}
     for ds in ("digits", "mnist1d"):
-        data = load_data(ExperimentConfig().data.__class__(dataset=ds))
+        data = load_data(DataConfig(dataset=ds))
         for arch in ARCHS:
             if ds == "mnist1d" and arch == "resnet50":
                 continue

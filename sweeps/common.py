@@ -11,10 +11,9 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
 
 from memray import tables
-from memray.config import ANALYSES, ConfigError, ExperimentConfig
+from memray.config import ExperimentConfig
 
 
 class UsageError(Exception):

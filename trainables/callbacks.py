@@ -6,10 +6,8 @@ route to a tracking server). MLflow failures never fail a trial: they warn, and
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
-from typing import Any
 
 from ray import tune
 

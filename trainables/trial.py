@@ -13,7 +13,6 @@ checkpoint. Table fragments are named by trial_key, so a retried trial overwrite
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 import time
 from pathlib import Path
