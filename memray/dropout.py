@@ -6,9 +6,10 @@ probability p_mem, and that choice is tied to (mask seed, site, example id, unit
 run. Training multiplies by the 0/1 mask with no rescaling.
 
 Mask state: the keep bits of every memorization unit of every chosen site, for every example,
-packed 8 to a byte: a uint8 tensor (N, ceil(sum_s M_s / 8)) on the training device, built once
-from a counter-based hash (no RNG stream, so any chunking, device, process or resume gives the
-same bits). A batch's masks are one gather and one bit-unpack on the device.
+packed 8 to a byte with the (always set) generalization bits: a uint8 tensor
+(N, ceil(sum_s C_s / 8)) on the training device, built once from a counter-based hash in int32
+(no RNG stream, so any chunking, device, process or resume gives the same bits). A batch's masks
+are one gather and one byte-to-bits table lookup on the device (see `example_masks`).
 
 Evaluation modes (masks of shape [C], the same for every example):
   own   the example's own tied mask (training examples only): the model as trained.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .config import ConfigError, DropoutConfig
 
@@ -30,45 +32,67 @@ MODES = ("plain", "own", "all", "drop")
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for 0 <= x < 2**32 held in int64, without int64 overflow."""
-    lo = (x & 0xFFFF) * c
-    hi = (((x >> 16) * c) & 0xFFFF) << 16
-    return (lo + hi) & _M32
+def _i32(v: int) -> int:
+    """A uint32 constant as the int32 with the same bits."""
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def _hash32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 in place on an int32 tensor holding uint32 bit patterns (multiplies wrap mod 2**32;
+    the masks after each shift make it logical)."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= _i32(0x7FEB352D)
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _i32(0x846CA68B)
+    x ^= (x >> 16) & 0xFFFF
+    return x
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mixer (lowbias32) on int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    return _hash32_((x & _M32).to(torch.int32)).to(torch.int64) & _M32
 
 
 def keep_bits(seed: int, site: int, ids: torch.Tensor, units: int, p: float) -> torch.Tensor:
-    """Bool (len(ids), units): unit u of example i kept iff hash(seed, site, i, u) < p * 2**32."""
+    """Bool (len(ids), units): unit u of example i kept iff its 16-bit hash field < round(p * 2**16).
+
+    One 32-bit hash h(seed, site, i, k) serves units 2k (low 16 bits) and 2k + 1 (high 16 bits),
+    so the keep probability is round(p * 65536) / 65536 (within 8e-6 of p). Computed in int32 on
+    the ids' device: a handful of elementwise passes over (len(ids), units / 2)."""
     dev = ids.device
-    base = hash32(torch.tensor([(seed * 0x9E3779B1 + site * 0x85EBCA77) & _M32], device=dev))
-    h_ex = hash32(base ^ (ids.long() & _M32))  # (B,)
-    u = torch.arange(units, device=dev, dtype=torch.long)
-    h = hash32(h_ex[:, None] ^ _mul32(u, 0xC2B2AE3D)[None, :])  # (B, units)
-    return h < int(round(p * 2**32))
+    base = int(hash32(torch.tensor([(seed * 0x9E3779B1 + site * 0x85EBCA77) & _M32]))[0])
+    h_ex = _hash32_((ids.long() & _M32).to(torch.int32) ^ _i32(base))  # (B,)
+    pairs = (units + 1) // 2
+    k = (torch.arange(pairs, dtype=torch.int64) * 0xC2B2AE3D & _M32).to(torch.int32).to(dev)
+    h = _hash32_(h_ex[:, None] ^ k[None, :])  # (B, pairs)
+    t = int(round(p * 2**16))
+    lo = (h & 0xFFFF) < t
+    hi = ((h >> 16) & 0xFFFF) < t
+    return torch.stack([lo, hi], 2).view(ids.shape[0], 2 * pairs)[:, :units]
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """(N, K) bool -> (N, ceil(K/8)) uint8, bit j of byte b = column 8b + j."""
+    """(N, K) bool -> (N, ceil(K/8)) uint8, bit j of byte b = column 8b + j (little-endian hosts).
+
+    Each run of 8 bools is read as one little-endian int64 holding bytes b_0..b_7 in {0, 1};
+    multiplying by sum_j 2**(56 - 7j) puts b_j at bit 56 + j and every cross term at a distinct
+    position below bit 56 or above bit 63, so the top byte is the packed byte (no carries)."""
     N, K = bits.shape
     pad = (-K) % 8
-    b = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad)).view(N, -1, 8)
-    weights = (1 << torch.arange(8, device=bits.device, dtype=torch.uint8))
-    return (b * weights).sum(-1, dtype=torch.uint8)
+    b = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad)).contiguous().view(torch.int64)
+    return ((b * 0x0102040810204080) >> 56 & 0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, K: int) -> torch.Tensor:
     """(N, nbytes) uint8 -> (N, K) bool."""
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     return ((packed[:, :, None] >> shifts) & 1).view(packed.shape[0], -1)[:, :K].bool()
+
+
+def _byte_table(device) -> torch.Tensor:
+    """(256, 8) float: row b holds the 8 bits of byte b (bit j in column j)."""
+    b = torch.arange(256, dtype=torch.int64)
+    return ((b[:, None] >> torch.arange(8)) & 1).float().to(device)
 
 
 def resolve_sites(cfg: DropoutConfig, n_sites: int) -> list[int]:
@@ -85,7 +109,7 @@ class ExampleTiedDropout:
     """Per-example tied masks for the chosen sites of a model with `site_units`."""
 
     def __init__(self, cfg: DropoutConfig, site_units: list[int], n_examples: int,
-                 device: torch.device | str = "cpu", chunk: int = 4096):
+                 device: torch.device | str = "cpu", chunk: int = 1024):
         self.p_gen, self.p_mem, self.seed = cfg.p_gen, cfg.p_mem, cfg.mask_seed
         self.site_units = list(site_units)
         self.sites = resolve_sites(cfg, len(site_units))
@@ -99,12 +123,23 @@ class ExampleTiedDropout:
         self.mem = {s: site_units[s] - self.gen[s] for s in self.sites}
         self.total_mem = sum(self.mem.values())
         self.device = torch.device(device)
+        # Row layout: every unit of each chosen site in site order, generalization bits set, then
+        # padding to whole bytes: ceil(units / 8) bytes per example, so a batch's masks need no
+        # reassembly (see `example_masks`).
         rows = []
         for start in range(0, n_examples, chunk):
             ids = torch.arange(start, min(start + chunk, n_examples), device=self.device)
-            bits = torch.cat([keep_bits(self.seed, s, ids, self.mem[s], self.p_mem) for s in self.sites], 1)
-            rows.append(pack_bits(bits))
-        self.packed = torch.cat(rows)  # (N, ceil(total_mem / 8)) uint8
+            bits = []
+            for s in self.sites:
+                bits.append(torch.ones(ids.shape[0], self.gen[s], dtype=torch.bool, device=self.device))
+                bits.append(keep_bits(self.seed, s, ids, self.mem[s], self.p_mem))
+            rows.append(pack_bits(torch.cat(bits, 1)))
+        self.packed = torch.cat(rows)  # (N, ceil(sum of chosen sites' units / 8)) uint8
+        self._slices, col = {}, 0
+        for s in self.sites:
+            self._slices[s] = (col, col + site_units[s])
+            col += site_units[s]
+        self._table = _byte_table(self.device)
 
     @property
     def state_bytes(self) -> int:
@@ -112,22 +147,21 @@ class ExampleTiedDropout:
 
     def to(self, device) -> "ExampleTiedDropout":
         self.device = torch.device(device)
-        self.packed = self.packed.to(device)
+        self.packed, self._table = self.packed.to(device), self._table.to(device)
         return self
 
     # -- training / `own` -------------------------------------------------------------------
     def example_masks(self, ids: torch.Tensor) -> list[torch.Tensor | None]:
-        """Masks (B, C) per site (None for sites without ETD) for training examples `ids`."""
+        """Masks (B, C) per site (None for sites without ETD) for training examples `ids`.
+
+        Two device ops per batch: gather the examples' packed rows, expand each byte to 8 floats
+        through a 256-row table. Site masks are column slices (views) of that one tensor."""
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 1:
             raise ValueError("example-tied dropout needs a 1-D tensor of integer example ids")
-        keep = unpack_bits(self.packed[ids], self.total_mem)  # (B, total_mem)
+        bits = F.embedding(self.packed[ids].long(), self._table).view(ids.shape[0], -1)
         out: list[torch.Tensor | None] = [None] * len(self.site_units)
-        col = 0
-        for s in self.sites:
-            g, m = self.gen[s], self.mem[s]
-            ones = torch.ones(ids.shape[0], g, device=keep.device)
-            out[s] = torch.cat([ones, keep[:, col:col + m].float()], 1)
-            col += m
+        for s, (a, b) in self._slices.items():
+            out[s] = bits[:, a:b]
         return out
 
     # -- evaluation modes -------------------------------------------------------------------

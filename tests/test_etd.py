@@ -61,9 +61,26 @@ def test_generalization_units_always_on_and_keep_rate_is_p_mem():
 
 
 def test_mask_state_is_packed_bits():
-    etd = ExampleTiedDropout(DropoutConfig(kind="example_tied", p_gen=0.2, p_mem=0.1), UNITS, 50_000)
-    assert etd.state_bytes <= 50_000 * sum(UNITS) / 8
-    assert etd.packed.dtype == torch.uint8
+    # the models' sites have multiples of 8 units: at most examples x units / 8 bytes
+    for units in ([512] * 3, [16, 32, 32, 32, 64, 64, 64, 128]):
+        etd = ExampleTiedDropout(DropoutConfig(kind="example_tied", p_gen=0.2, p_mem=0.1), units, 50_000)
+        assert etd.state_bytes <= 50_000 * sum(units) / 8
+        assert etd.packed.dtype == torch.uint8
+    # any other count rounds up to whole bytes per example
+    etd = ExampleTiedDropout(DropoutConfig(kind="example_tied"), UNITS, 1000)
+    assert etd.state_bytes == 1000 * math.ceil(sum(UNITS) / 8)
+
+
+def test_batch_masks_are_the_hash_bits():
+    """example_masks (packed gather + table unpack) equals keep_bits computed directly."""
+    cfg = DropoutConfig(kind="example_tied", p_gen=0.25, p_mem=0.3, mask_seed=11)
+    etd = ExampleTiedDropout(cfg, UNITS, 300, chunk=64)
+    ids = torch.tensor([299, 0, 64, 65, 17])
+    masks = etd.example_masks(ids)
+    for s, c in enumerate(UNITS):
+        g = math.floor(0.25 * c)
+        expect = torch.cat([torch.ones(len(ids), g), keep_bits(11, s, ids, c - g, 0.3).float()], 1)
+        assert torch.equal(masks[s], expect)
 
 
 def test_eval_modes_follow_the_definition():
