@@ -27,7 +27,6 @@ DROPOUT_KINDS = ("none", "standard", "example_tied")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
 ANALYSES = ("gradients", "rewind", "retrain", "flip")
-AVAILABLE_ANALYSES = ("gradients", "rewind", "retrain")  # "flip" is declared, not yet built
 DEFAULT_WIDTH = {"mlp": 512, "lenet": 16, "resnet9": 16, "resnet50": 64, "vit_small": 64}
 
 
@@ -151,7 +150,7 @@ class OptimConfig:
 class AnalysisConfig:
     """Which analyses run, and their budgets (EXPERIMENTS.md sections 1-4)."""
 
-    run: tuple[str, ...] = AVAILABLE_ANALYSES
+    run: tuple[str, ...] = ANALYSES
     snapshot_epochs: tuple[int, ...] = (0, 1, 2, 5, 10)  # weight snapshots for rewinding
     retrain_epoch: int = 0  # snapshot a group is rewound to before retraining
     retrain_lr: float = 0.01
@@ -160,15 +159,16 @@ class AnalysisConfig:
     flip_targets: int = 32  # noisy targets (and as many clean ones)
     flip_budget: int = 64  # most units zeroed per target
     flip_reference: int = 64  # clean reference batch size
-    flip_targets_per_batch: int = 64
+    flip_targets_per_batch: int = 64  # targets searched together (1: one at a time)
+    flip_sites: tuple[int, ...] | None = None  # sites whose units may be zeroed (None: all)
     eval_samples: int = 512  # fixed sample size per subset for post-edit accuracies
 
     def validate(self) -> None:
         _require(all(a in ANALYSES for a in self.run) and len(set(self.run)) == len(self.run),
                  "analyses.run", list(self.run), f"distinct names from {list(ANALYSES)} (or empty)")
-        _require("flip" not in self.run, "analyses.run", list(self.run),
-                 f"analyses available in this version: {list(AVAILABLE_ANALYSES)} (the minimum-unit "
-                 f"flip analysis is not built yet)")
+        _require(self.flip_sites is None or (len(self.flip_sites) > 0 and all(
+                     isinstance(x, int) and x >= 0 for x in self.flip_sites)), "analyses.flip_sites",
+                 self.flip_sites, "null (every site) or a non-empty list of site indices >= 0")
         _require(len(self.snapshot_epochs) > 0 and all(isinstance(e, int) and e >= 0 for e in self.snapshot_epochs),
                  "analyses.snapshot_epochs", list(self.snapshot_epochs), "a non-empty list of epochs >= 0")
         _require(self.retrain_epoch in self.snapshot_epochs, "analyses.retrain_epoch", self.retrain_epoch,

@@ -1,7 +1,8 @@
 """A whole trial without Ray: train, then run the configured analyses as independent work items.
 
 `AnalysisRunner` holds one trained model, its data and weight snapshots, and runs work items
-(`("rewind", group, epoch)`, `("retrain", group)`) returning rows for their table. The Ray layer
+(`("rewind", group, epoch)`, `("retrain", group)`, `("flip", method, start, stop)` over the
+trial's flip targets) returning rows for their table. The Ray layer
 spreads the same items over a pool of actors that each build one runner; `run_trial` runs them in
 order in this process (the sequential baseline, and what tests use).
 """
@@ -16,6 +17,7 @@ from .config import ExperimentConfig
 from .data import Data, load_data
 from .dropout import ExampleTiedDropout
 from .models import build_model
+from .probes.flips import flip_rows, select_targets
 from .probes.retraining import retrain_item
 from .probes.rewinding import rewind_item
 from .train import Trainer, pick_device
@@ -30,6 +32,12 @@ def analysis_items(cfg: ExperimentConfig, n_groups: int, snapshot_epochs: list[i
         items += [("rewind", g, e) for g in range(n_groups) for e in sorted(snapshot_epochs)]
     if "retrain" in run and has_noise and cfg.analyses.retrain_epoch in snapshot_epochs:
         items += [("retrain", g) for g in range(n_groups)]
+    if "flip" in run:
+        a = cfg.analyses
+        n = 2 * a.flip_targets if has_noise else a.flip_targets
+        for method in ("greedy", "random"):
+            items += [("flip", method, start, min(start + a.flip_targets_per_batch, n))
+                      for start in range(0, n, a.flip_targets_per_batch)]
     return items
 
 
@@ -58,6 +66,7 @@ class AnalysisRunner:
         self.snapshots = snapshots
         self.etd = (ExampleTiedDropout(cfg.dropout, self.model.site_units, self.data.n_train, self.device)
                     if cfg.dropout.kind == "example_tied" else None)
+        self._flip_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def run(self, item: WorkItem) -> tuple[str, list[dict[str, Any]]]:
         kind = item[0]
@@ -72,7 +81,27 @@ class AnalysisRunner:
                                               lr=a.retrain_lr, max_epochs=a.retrain_max_epochs,
                                               patience=a.retrain_patience,
                                               batch_size=self.cfg.optim.batch_size, seed=self.cfg.seed)
+        if kind == "flip":
+            _, method, start, stop = item
+            a = self.cfg.analyses
+            targets, ref = self.flip_targets()
+            part = targets[start:stop]
+            if part.numel() == 0:
+                return "flips", []
+            return "flips", flip_rows(self.model, self.data, part, ref, method=method, budget=a.flip_budget,
+                                      targets_per_batch=a.flip_targets_per_batch,
+                                      sites=list(a.flip_sites) if a.flip_sites is not None else None,
+                                      etd=self.etd, eval_samples=a.eval_samples, seed=self.cfg.seed)
         raise ValueError(f"unknown work item {item!r}")
+
+    def flip_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets, reference ids), drawn once per runner from the final model (deterministic)."""
+        if self._flip_targets is None:
+            a = self.cfg.analyses
+            n_noisy = a.flip_targets if self.data.noise_mask.any() else 0
+            self._flip_targets = select_targets(self.model, self.data, n_noisy, a.flip_targets,
+                                                a.flip_reference, self.cfg.seed, self.etd)
+        return self._flip_targets
 
 
 def run_trial(cfg: ExperimentConfig, data: Data | None = None, device=None, data_dir=None,
@@ -83,7 +112,7 @@ def run_trial(cfg: ExperimentConfig, data: Data | None = None, device=None, data
     tr = Trainer(cfg, data, device)
     tr.fit(on_epoch)
     tables: dict[str, list[dict[str, Any]]] = {"evals": list(tr.history), "gradients": list(tr.grad_rows),
-                                               "rewinding": [], "retraining": []}
+                                               "rewinding": [], "retraining": [], "flips": []}
     model_state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}
     runner = AnalysisRunner(cfg, model_state, tr.snapshots, tr.data, tr.device)
     for item in analysis_items(cfg, len(tr.model.layer_groups), sorted(tr.snapshots), bool(data.noise_mask.any())):

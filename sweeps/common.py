@@ -165,18 +165,20 @@ def launch(args, configs: list[ExperimentConfig], preset: str, scheduler=None, s
 def print_summary(args, grid) -> None:
     print(f"\nSweep {args.name!r}: {len(grid)} trials")
     print(f"{'trial_key':12}  {'dataset':8} {'arch':9} {'dropout':12} {'p_mem':>5}  "
-          f"{'own_noisy':>9} {'drop_noisy':>10} {'drop_test':>9} {'plain_noisy':>11} {'plain_test':>10}")
+          f"{'own_noisy':>9} {'drop_noisy':>10} {'drop_test':>9} {'plain_noisy':>11} {'plain_test':>10} "
+          f"{'flip_noisy':>10} {'flip_clean':>10}")
     for r in grid:
         c = r.config["exp"]
         m = r.metrics or {}
 
         def f(k):
             v = m.get(k)
-            return f"{v:.3f}" if isinstance(v, float) else "-"
+            return f"{v:.3f}" if isinstance(v, float) and v == v else "-"
         print(f"{m.get('trial_key', ExperimentConfig.from_dict(c).trial_key):12}  {c['data']['dataset']:8} "
               f"{c['model']['arch']:9} {c['dropout']['kind']:12} {c['dropout']['p_mem']:>5}  "
               f"{f('own/train_noisy/accuracy'):>9} {f('drop/train_noisy/accuracy'):>10} "
-              f"{f('drop/test/accuracy'):>9} {f('plain/train_noisy/accuracy'):>11} {f('plain/test/accuracy'):>10}"
+              f"{f('drop/test/accuracy'):>9} {f('plain/train_noisy/accuracy'):>11} {f('plain/test/accuracy'):>10} "
+              f"{f('flip/greedy/noisy/median_units'):>10} {f('flip/greedy/clean/median_units'):>10}"
               + (f"  FAILED: {str(r.error).splitlines()[0][:120]}" if r.error else ""))
     uri = args.mlflow_uri or default_mlflow_uri(args.results_dir)
     print(f"\nTables: {args.results_dir}/tables/<table>/sweep={args.name}/")

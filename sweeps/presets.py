@@ -10,30 +10,33 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "datasets": ["digits"], "archs": ["mlp"], "widths": [64], "noise": [0.1],
         "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1], "seeds": [0], "epochs": 3,
-        "analyses": ["gradients", "rewind", "retrain"],
-        "base": {"analyses": {"snapshot_epochs": [0, 3], "retrain_max_epochs": 2}},
+        "analyses": ["gradients", "rewind", "retrain", "flip"],
+        "base": {"analyses": {"snapshot_epochs": [0, 3], "retrain_max_epochs": 2, "flip_targets": 4,
+                              "flip_budget": 8, "flip_reference": 16, "eval_samples": 64}},
     },
     # Under 2 minutes on 2 cores; meets the ETD acceptance thresholds on digits.
     "smoke": {
         "datasets": ["digits"], "archs": ["mlp"], "widths": [512], "noise": [0.1],
         "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1], "seeds": [0], "epochs": 60,
-        "analyses": ["gradients", "rewind", "retrain"],
-        "base": {"analyses": {"snapshot_epochs": [0, 5, 60], "retrain_max_epochs": 5}},
+        "analyses": ["gradients", "rewind", "retrain", "flip"],
+        "base": {"analyses": {"snapshot_epochs": [0, 5, 60], "retrain_max_epochs": 5, "flip_targets": 16,
+                              "flip_budget": 32, "flip_reference": 64, "eval_samples": 256}},
     },
     # The default sweep: both offline datasets x mlp and resnet9 x a p_mem grid, + plain twins.
     "default": {
         "datasets": ["digits", "mnist1d"], "archs": ["mlp", "resnet9"], "widths": [None], "noise": [0.1],
         "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1, 0.2], "seeds": [0], "epochs": None,
         "epochs_by_arch": {"mlp": 60, "resnet9": 15},
-        "analyses": ["gradients", "rewind", "retrain"],
-        "base": {"analyses": {"snapshot_epochs": [0, 2, 5, 15, 60], "retrain_max_epochs": 4}},
+        "analyses": ["gradients", "rewind", "retrain", "flip"],
+        "base": {"analyses": {"snapshot_epochs": [0, 2, 5, 15, 60], "retrain_max_epochs": 4, "flip_targets": 16,
+                              "flip_budget": 32, "flip_reference": 64, "eval_samples": 256}},
     },
     # The authors' recipe on a GPU cluster (EXPERIMENTS.md, "The authors' recipe").
     "paper": {
         "datasets": ["mnist", "svhn", "cifar10"], "archs": ["resnet9", "resnet50", "vit_small"],
         "widths": [None], "noise": [0.05, 0.1, 0.2], "dropout": ["example_tied", "standard"],
         "p_gen": [0.1, 0.2, 0.4], "p_mem": [0.05, 0.1, 0.2], "seeds": [0, 1, 2], "epochs": None,
-        "analyses": ["gradients", "rewind", "retrain"],
+        "analyses": ["gradients", "rewind", "retrain", "flip"],
         "base": {"optim": {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 512, "schedule": "onecycle"},
                  "analyses": {"snapshot_epochs": [0, 1, 2, 5, 10, 25, 50]}},
         "epochs_by_dataset": {"mnist": 100, "svhn": 50, "cifar10": 50},

@@ -40,6 +40,16 @@ def test_tiny_sweep_writes_every_table(tiny_sweep):
     assert q(results, "rewinding") == [(2 * 4 * 2 * 4,)]
     assert q(results, "retraining") == [(2 * 4 * 4,)]
     assert q(results, "sweeps", "select n_trials, preset from t") == [(2, "tiny")]
+    # flips: per trial and method the same targets (at most 4 noisy + 4 clean), both methods
+    per = q(results, "flips", "select trial_key, method, list(example_id order by example_id) from t "
+                              "group by all order by all")
+    assert len(per) == 4 and per[0][2] == per[1][2] and per[2][2] == per[3][2]
+    assert all(0 < len(ids) <= 8 for _, _, ids in per)
+    assert q(results, "flips", "select count(*) from t where method = 'greedy' and n_units > 8") == [(0,)]
+    keys = [k for (k,) in q(results, "trials", "select trial_key from t")]
+    for k in keys:
+        figs = sorted(p.name for p in (results / "figures" / "sweep=t1" / k).iterdir())
+        assert figs == ["flips.png", "gradients.png", "retraining.png", "rewinding.png"]
 
 
 @pytest.mark.slow
@@ -53,12 +63,15 @@ parents = [r for r in runs if r.data.tags.get("memray.role") == "sweep"]
 children = [r for r in runs if r.data.tags.get("memray.role") == "trial"]
 c = mlflow.MlflowClient()
 hist = c.get_metric_history(children[0].info.run_id, next(k for k in children[0].data.metrics if k.endswith("train_clean/accuracy") and not k.startswith("final")))
-print(json.dumps({{"parents": len(parents), "children": len(children),
+arts = sorted(a.path for a in c.list_artifacts(children[0].info.run_id, "figures"))
+print(json.dumps({{"parents": len(parents), "children": len(children), "artifacts": arts,
   "parent_ok": all(ch.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for ch in children),
   "steps": sorted(m.step for m in hist)}}))
 """
     out = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    assert out == {"parents": 1, "children": 2, "parent_ok": True, "steps": [1, 2, 3]}
+    assert out == {"parents": 1, "children": 2, "parent_ok": True, "steps": [1, 2, 3],
+                   "artifacts": ["figures/flips.png", "figures/gradients.png", "figures/retraining.png",
+                                 "figures/rewinding.png"]}
 
 
 def test_bad_input_exits_2_before_anything(tmp_path):

@@ -22,10 +22,11 @@ import ray
 import torch
 from ray import tune
 
-from memray import tables
+from memray import plots, tables
 from memray.config import ExperimentConfig
 from memray.data import load_data
 from memray.experiment import AnalysisRunner, analysis_items, skipped_analyses
+from memray.probes.flips import flip_summary
 from memray.train import Diverged, Trainer, load_state, save_state
 
 
@@ -123,7 +124,7 @@ def train_trial(config: dict[str, Any]) -> None:
         tables.write_fragment(results, "gradients", sweep, key, [{**tag, **r} for r in tr.grad_rows])
 
     items = analysis_items(exp, len(tr.model.layer_groups), sorted(tr.snapshots), bool(data.noise_mask.any()))
-    produced: dict[str, list[dict]] = {"rewinding": [], "retraining": []}
+    produced: dict[str, list[dict]] = {"rewinding": [], "retraining": [], "flips": []}
     if items:
         model_state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}
         if workers > 0:
@@ -144,6 +145,12 @@ def train_trial(config: dict[str, Any]) -> None:
         if name in exp.analyses.run:
             rows = sorted(produced[table], key=lambda r: (r["layer_index"], r["rewind_epoch"], r["subset"]))
             tables.write_fragment(results, table, sweep, key, [{**tag, **r} for r in rows])
-    final = tr.final()
+    if "flip" in exp.analyses.run:
+        produced["flips"].sort(key=lambda r: (r["method"], not r["is_noisy"], r["example_id"]))
+        tables.write_fragment(results, "flips", sweep, key, [{**tag, **r} for r in produced["flips"]])
+    title = f"{exp.data.dataset} / {exp.model.arch} / {exp.dropout.kind} (trial {key})"
+    for name, png in plots.trial_figures({"gradients": tr.grad_rows, **produced}, title).items():
+        tables.write_bytes(results, f"figures/sweep={sweep}/{key}/{name}.png", png)
+    final = {**tr.final(), **flip_summary(produced["flips"])}
     tune.report({**base, "epoch": tr.epoch, "phase": "done", "wall_s": time.time() - t0, **final,
                  "skipped": "; ".join(f"{k}: {v}" for k, v in skipped_analyses(exp, data).items())})

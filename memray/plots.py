@@ -1,0 +1,146 @@
+"""The paper's figures, drawn from table rows alone (lists of dicts with the columns of
+ARCHITECTURE.md), so one trial's rows or rows pooled across sweeps give the same pictures.
+
+Each function returns a matplotlib Figure (Agg backend; nothing is shown). `trial_figures`
+draws every figure a trial's tables allow and returns {name: png bytes}.
+"""
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+Rows = list[dict[str, Any]]
+CLEAN, NOISY = "tab:blue", "tab:red"
+
+
+def _groups(rows: Rows) -> list[tuple[int, str]]:
+    return sorted({(int(r["layer_index"]), str(r["layer_name"])) for r in rows})
+
+
+def gradients_figure(rows: Rows, title: str = "") -> plt.Figure:
+    """Per layer group over epochs: clean vs noisy gradient norm (norm / sqrt(#params)), and the
+    clean/noisy cosine (EXPERIMENTS.md section 1)."""
+    groups = _groups(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    cmap = plt.get_cmap("viridis")
+    for k, (gi, name) in enumerate(groups):
+        sel = sorted((r for r in rows if r["layer_index"] == gi), key=lambda r: r["epoch"])
+        ep = [r["epoch"] for r in sel]
+        col = cmap(k / max(1, len(groups) - 1))
+        ax1.plot(ep, [r["clean_norm"] for r in sel], color=col, ls="-", label=f"{name} clean")
+        ax1.plot(ep, [r["noisy_norm"] for r in sel], color=col, ls="--", label=f"{name} noisy")
+        ax2.plot(ep, [r["cosine"] for r in sel], color=col, label=name)
+    ax1.set(xlabel="epoch", ylabel="gradient norm / sqrt(params)", yscale="log",
+            title="Gradient norm per layer group (solid clean, dashed noisy)")
+    ax2.axhline(0, color="gray", lw=0.8)
+    ax2.set(xlabel="epoch", ylabel="cosine(clean grad, noisy grad)", title="Clean vs noisy gradient cosine")
+    ax1.legend(fontsize=6, ncol=2)
+    ax2.legend(fontsize=7)
+    fig.suptitle(title or "Gradient accounting")
+    fig.tight_layout()
+    return fig
+
+
+def rewinding_figure(rows: Rows, title: str = "") -> plt.Figure:
+    """Heatmaps layer group x rewind epoch of train_noisy (memorization kept) and train_clean
+    accuracy (EXPERIMENTS.md section 2)."""
+    groups = _groups(rows)
+    epochs = sorted({int(r["rewind_epoch"]) for r in rows})
+    subsets = [s for s in ("train_noisy", "train_clean") if any(r["subset"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(subsets), figsize=(5 * len(subsets) + 1, 0.45 * len(groups) + 2.2), squeeze=False)
+    for ax, subset in zip(axes[0], subsets):
+        acc = {(r["layer_index"], r["rewind_epoch"]): r["accuracy"] for r in rows if r["subset"] == subset}
+        grid = [[acc.get((gi, e), math.nan) for e in epochs] for gi, _ in groups]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        for i in range(len(groups)):
+            for j in range(len(epochs)):
+                if not math.isnan(grid[i][j]):
+                    ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if grid[i][j] < 0.5 else "black")
+        ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
+        ax.set_yticks(range(len(groups)), [n for _, n in groups])
+        ax.set(xlabel="rewound to epoch", ylabel="layer group", title=f"{subset} accuracy after rewinding")
+        fig.colorbar(im, ax=ax, label="accuracy")
+    fig.suptitle(title or "Layer rewinding")
+    fig.tight_layout()
+    return fig
+
+
+def retraining_figure(rows: Rows, title: str = "") -> plt.Figure:
+    """Bars per layer group after retraining it on clean data: accuracy on each subset
+    (EXPERIMENTS.md section 3); train_noisy = given labels still predicted."""
+    groups = _groups(rows)
+    subsets = [s for s in ("train_clean", "train_noisy", "train_noisy_true", "test") if any(r["subset"] == s for r in rows)]
+    colors = {"train_clean": CLEAN, "train_noisy": NOISY, "train_noisy_true": "tab:orange", "test": "tab:green"}
+    acc = {(r["layer_index"], r["subset"]): r["accuracy"] for r in rows}
+    fig, ax = plt.subplots(figsize=(1.0 * len(groups) + 4, 4))
+    w = 0.8 / max(1, len(subsets))
+    for k, s in enumerate(subsets):
+        xs = [i + (k - (len(subsets) - 1) / 2) * w for i in range(len(groups))]
+        ax.bar(xs, [acc.get((gi, s), math.nan) for gi, _ in groups], w, label=s, color=colors[s])
+    ax.set_xticks(range(len(groups)), [n for _, n in groups], rotation=30)
+    ax.set(ylim=(0, 1.05), xlabel="layer group retrained on clean examples", ylabel="accuracy")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Layer retraining")
+    fig.tight_layout()
+    return fig
+
+
+def flips_figure(rows: Rows, title: str = "") -> plt.Figure:
+    """Greedy units-to-flip histogram, noisy vs clean targets (with the random baseline's medians),
+    and the share of zeroed units per site (EXPERIMENTS.md section 4)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    greedy = [r for r in rows if r["method"] == "greedy"]
+    counts = {kind: [r["n_units"] for r in greedy if r["is_noisy"] == noisy and r["flipped"]]
+              for kind, noisy in (("noisy", True), ("clean", False))}
+    top = max([1] + [max(v) for v in counts.values() if v])
+    bins = range(0, top + 2, max(1, (top + 1) // 30))
+    for kind, col in (("noisy", NOISY), ("clean", CLEAN)):
+        n_all = sum(1 for r in greedy if r["is_noisy"] == (kind == "noisy"))
+        if n_all:
+            ax1.hist(counts[kind], bins=bins, alpha=0.6, color=col,
+                     label=f"{kind} ({len(counts[kind])}/{n_all} flipped)")
+        rnd = sorted(r["n_units"] for r in rows if r["method"] == "random" and r["is_noisy"] == (kind == "noisy")
+                     and r["flipped"])
+        if rnd:
+            ax1.axvline(min(rnd[len(rnd) // 2], top + 1), color=col, ls=":", label=f"random {kind} median {rnd[len(rnd) // 2]}")
+    ax1.set(xlabel="units zeroed to flip the prediction", ylabel="targets", title="Greedy minimum-unit flip")
+    ax1.legend(fontsize=8)
+    per_site: dict[int, dict[str, int]] = defaultdict(lambda: {"noisy": 0, "clean": 0})
+    for r in greedy:
+        for u in r["units"]:
+            per_site[int(u["site"])]["noisy" if r["is_noisy"] else "clean"] += 1
+    sites = sorted(per_site)
+    for k, (kind, col) in enumerate((("noisy", NOISY), ("clean", CLEAN))):
+        tot = sum(per_site[s][kind] for s in sites) or 1
+        ax2.bar([s + (k - 0.5) * 0.4 for s in sites], [per_site[s][kind] / tot for s in sites], 0.4,
+                color=col, label=f"{kind} targets")
+    ax2.set_xticks(sites, [str(s) for s in sites])
+    ax2.set(xlabel="site", ylabel="share of zeroed units", title="Where the zeroed units are")
+    ax2.legend(fontsize=8)
+    fig.suptitle(title or "Neuron-level localization")
+    fig.tight_layout()
+    return fig
+
+
+def png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+FIGURES = {"gradients": gradients_figure, "rewinding": rewinding_figure, "retraining": retraining_figure,
+           "flips": flips_figure}
+
+
+def trial_figures(tables: dict[str, Rows], title: str = "") -> dict[str, bytes]:
+    """{table name: PNG bytes} for every non-empty analysis table among `tables`."""
+    return {name: png(fn(tables[name], title)) for name, fn in FIGURES.items() if tables.get(name)}

@@ -1,0 +1,339 @@
+"""Minimum-unit flip (EXPERIMENTS.md section 4), batched over targets.
+
+For a target training example (x, y) and a fixed clean reference batch R, start with every unit
+of the included sites on and repeat until the model no longer predicts y for x, or `budget`
+units are zeroed:
+
+    J = -loss(x, y) + mean_{r in R} loss(r)        (all under the current mask: a model edit)
+    delta_u = -m_u * dJ/dm_u                        (first-order change in J from zeroing u)
+    zero the unit with the most negative delta_u    (ties: the lowest flat index, site-major)
+
+`method="random"` zeroes units in a seeded random order instead, until the prediction flips (its
+budget is every included unit).
+
+Batched form: T targets advance together, each with its own mask per site ([T, C] leaf tensors);
+target t's rows are x_t followed by R, and its mask rows are broadcast over them, so one forward
+and one backward serve all T (the model runs in eval mode, so rows do not interact). Flipped
+targets leave the batch; targets are processed in chunks of `targets_per_batch`, shrunk so a
+chunk has at most `max_rows` rows (memory bound). `targets_per_batch=1` is the one-at-a-time
+form. Parameters are frozen during the search, so backward computes only activation gradients.
+
+Cost: every step of every target is one forward and one activation-gradient backward over
+1 + |R| rows, whatever the batching; batching shares kernel launches and lets flipped targets
+drop out, but on a CPU the one-at-a-time form (|R| ~ 128 rows) already runs dense matrix
+products near the cores' peak, so the gain there is small; `max_rows` (default 2048 rows per
+chunk) keeps a chunk's activations near the cache size. On a GPU the batched form fills the device
+where one target at a time cannot (see benchmarks/flip_throughput.py).
+
+Models trained with example-tied dropout are edited in mode `all` (memorization units scaled by
+p_mem for every example): the zeroing mask multiplies that mode's fixed mask. Targets are drawn
+from examples the unedited model predicts with their given label (memorized noisy examples,
+learned clean ones).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Data
+from ..dropout import ExampleTiedDropout
+from ..sites import SiteModel
+from ..train import predict
+
+METHODS = ("greedy", "random")
+
+
+@dataclass
+class FlipResult:
+    example_id: int
+    is_noisy: bool
+    given_label: int
+    true_label: int
+    method: str
+    flipped: bool
+    units: list[tuple[int, int]]  # (site, unit) in the order zeroed
+    post: dict[str, float]  # post-edit accuracy on the fixed samples
+
+    def row(self) -> dict[str, Any]:
+        return {"example_id": self.example_id, "is_noisy": self.is_noisy, "given_label": self.given_label,
+                "true_label": self.true_label, "method": self.method, "flipped": self.flipped,
+                "n_units": len(self.units), "units": [{"site": s, "unit": u} for s, u in self.units],
+                "post_clean_acc": self.post.get("train_clean", math.nan),
+                "post_noisy_acc": self.post.get("train_noisy", math.nan),
+                "post_test_acc": self.post.get("test", math.nan)}
+
+
+class FlipError(ValueError):
+    pass
+
+
+def select_targets(model: SiteModel, data: Data, n_noisy: int, n_clean: int, n_reference: int, seed: int,
+                   etd: ExampleTiedDropout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target ids, reference ids): seeded samples of the noisy and clean training examples the
+    model predicts with their given label, and a clean reference batch disjoint from the targets."""
+    base = base_masks(model, etd)
+    pred = predict(model, data.x_train, (lambda i: base) if base is not None else None).argmax(1).cpu()
+    ok = pred == data.y_train.cpu()
+    noisy = data.noise_mask.cpu()
+    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    noisy_ids = torch.nonzero(ok & noisy).flatten()
+    clean_ids = torch.nonzero(ok & ~noisy).flatten()
+    noisy_ids = noisy_ids[torch.randperm(len(noisy_ids), generator=g)][:n_noisy]
+    perm = clean_ids[torch.randperm(len(clean_ids), generator=g)]
+    clean_t = perm[:n_clean]
+    all_clean = torch.nonzero(~noisy).flatten()
+    pool = all_clean[~torch.isin(all_clean, clean_t)]
+    ref = pool[torch.randperm(len(pool), generator=g)][:n_reference]
+    return torch.cat([noisy_ids, clean_t]), ref.sort().values
+
+
+def base_masks(model: SiteModel, etd: ExampleTiedDropout | None) -> list[torch.Tensor | None] | None:
+    return etd.mode_masks("all") if etd is not None else None
+
+
+def _fixed_samples(data: Data, n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * 7919 + 29)
+    noisy = data.noise_mask.cpu()
+    out = {}
+    for name, ids in (("train_clean", torch.nonzero(~noisy).flatten()), ("train_noisy", torch.nonzero(noisy).flatten())):
+        if len(ids):
+            out[name] = ids[torch.randperm(len(ids), generator=g)][:n]
+    out["test"] = torch.randperm(data.x_test.shape[0], generator=g)[:n]
+    return out
+
+
+class FlipSearch:
+    """Runs the flip analysis for one trained model (frozen, eval mode) on its data."""
+
+    def __init__(self, model: SiteModel, data: Data, reference_ids: torch.Tensor, *,
+                 sites: list[int] | None = None, etd: ExampleTiedDropout | None = None,
+                 eval_samples: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 max_rows: int = 2048):
+        if not isinstance(model, SiteModel) or not model.sites:
+            raise FlipError("the flip analysis needs a model with sites (a memray SiteModel); "
+                            f"got {type(model).__name__}")
+        n_sites = len(model.sites)
+        self.sites = sorted(set(sites)) if sites is not None else list(range(n_sites))
+        if not self.sites or any(not isinstance(s, int) or s < 0 or s >= n_sites for s in self.sites):
+            raise FlipError(f"sites={sites} is invalid: site indices of this model, 0..{n_sites - 1}")
+        self.model, self.data, self.etd, self.dtype = model, data, etd, dtype
+        self.device = data.device
+        self.units = [model.site_units[s] for s in self.sites]
+        self.offsets = [0]
+        for c in self.units:
+            self.offsets.append(self.offsets[-1] + c)
+        self.total = self.offsets[-1]
+        ref = torch.as_tensor(reference_ids, dtype=torch.long)
+        self._check_ids(ref, "reference_ids")
+        self.ref = ref.to(self.device)
+        self.max_rows = max_rows
+        base = base_masks(model, etd)
+        self.base = [(base[s] if base is not None and base[s] is not None
+                      else torch.ones(model.site_units[s], device=self.device)).to(dtype) for s in range(n_sites)]
+        self.samples = {k: v.to(self.device) for k, v in _fixed_samples(data, eval_samples, seed).items()}
+        self.seed = seed
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        n = self.data.n_train
+        if ids.dim() != 1 or (ids.numel() and (ids.min() < 0 or ids.max() >= n)):
+            bad = ids[(ids < 0) | (ids >= n)].tolist()[:5] if ids.dim() == 1 else ids.shape
+            raise FlipError(f"{name} holds {bad}: allowed are training example ids 0..{n - 1}")
+
+    # -- masks ------------------------------------------------------------------------------
+    def _site_masks(self, keep: torch.Tensor, rows_per_target: int) -> tuple[list, list[torch.Tensor]]:
+        """keep: (T, total) 0/1 in self.dtype. Returns the per-site masks for the model (rows
+        repeated per target) and the leaf [T, C] tensors gradients are taken against."""
+        T = keep.shape[0]
+        leaves, masks = [], []
+        by_site = {s: i for i, s in enumerate(self.sites)}
+        for s in range(len(self.base)):
+            if s in by_site:
+                i = by_site[s]
+                leaf = (keep[:, self.offsets[i]:self.offsets[i + 1]] * self.base[s]).detach().requires_grad_(True)
+                leaves.append(leaf)
+                m = leaf[:, None, :].expand(T, rows_per_target, leaf.shape[1]).reshape(T * rows_per_target, -1)
+            else:
+                m = self.base[s].expand(T * rows_per_target, -1)
+            masks.append(m)
+        return masks, leaves
+
+    def _forward(self, x: torch.Tensor, masks) -> torch.Tensor:
+        return self.model(x.to(self.dtype), masks)
+
+    # -- greedy -----------------------------------------------------------------------------
+    def greedy(self, targets: torch.Tensor, budget: int, targets_per_batch: int = 64) -> list:
+        """Per target: (units zeroed in order as (site, unit), flipped within budget)."""
+        R = self.ref.numel()
+        chunk = max(1, min(targets_per_batch, self.max_rows // (R + 1)))
+        out: list = [None] * len(targets)
+        for start in range(0, len(targets), chunk):
+            idx = list(range(start, min(start + chunk, len(targets))))
+            for j, res in zip(idx, self._greedy_chunk(targets[idx], budget)):
+                out[j] = res
+        return out
+
+    def _greedy_chunk(self, targets: torch.Tensor, budget: int):
+        dev, R = self.device, self.ref.numel()
+        T = targets.numel()
+        keep = torch.ones(T, self.total, dtype=self.dtype, device=dev)
+        zeroed: list[list[int]] = [[] for _ in range(T)]
+        flipped = [False] * T
+        active = torch.arange(T, device=dev)
+        xr = self.data.x_train[self.ref]
+        yr = self.data.y_train[self.ref]
+        while active.numel():
+            a = active.numel()
+            tid = targets.to(dev)[active]
+            x = torch.cat([self.data.x_train[tid][:, None], xr[None].expand(a, *xr.shape)], 1)
+            x = x.reshape(a * (R + 1), *xr.shape[1:])
+            y = torch.cat([self.data.y_train[tid][:, None], yr[None].expand(a, R)], 1)  # (a, R+1)
+            masks, leaves = self._site_masks(keep[active], R + 1)
+            with torch.enable_grad():
+                logits = self._forward(x, masks).view(a, R + 1, -1)
+                pred_ok = logits[:, 0].argmax(1) == y[:, 0]
+                done = ~pred_ok
+                exhausted = torch.tensor([len(zeroed[int(t)]) >= budget for t in active.tolist()], device=dev)
+                if (done | exhausted).all():
+                    for k, t in enumerate(active.tolist()):
+                        flipped[t] = bool(done[k])
+                    break
+                losses = F.cross_entropy(logits.reshape(a * (R + 1), -1), y.reshape(-1), reduction="none").view(a, R + 1)
+                J = -losses[:, 0] + losses[:, 1:].mean(1)  # (a,)
+                grads = torch.autograd.grad(J.sum(), leaves)
+            delta = torch.cat([-(leaf.detach() * g) for leaf, g in zip(leaves, grads)], 1)  # (a, total)
+            delta = delta.masked_fill(keep[active] == 0, math.inf)
+            choice = delta.argmin(1).tolist()  # first minimum: lowest flat index on ties
+            still = []
+            for k, t in enumerate(active.tolist()):
+                if bool(done[k]):
+                    flipped[t] = True
+                elif bool(exhausted[k]):
+                    flipped[t] = False
+                else:
+                    zeroed[t].append(choice[k])
+                    keep[t, choice[k]] = 0
+                    still.append(t)
+            active = torch.tensor(still, dtype=torch.long, device=dev)
+        return [(self._as_units(z), f) for z, f in zip(zeroed, flipped)]
+
+    def _as_units(self, flat: list[int]) -> list[tuple[int, int]]:
+        out = []
+        for f in flat:
+            i = max(k for k in range(len(self.sites)) if self.offsets[k] <= f)
+            out.append((self.sites[i], f - self.offsets[i]))
+        return out
+
+    # -- random -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def random(self, targets: torch.Tensor, chunk: int = 256) -> list:
+        """Zero units in a seeded random order (per target) until the prediction flips: all
+        prefixes of the order are evaluated in batches of `chunk`."""
+        out = []
+        for t in targets.tolist():
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
+            order = torch.randperm(self.total, generator=g).to(self.device)
+            x, y = self.data.x_train[t], int(self.data.y_train[t])
+            found = None
+            for start in range(0, self.total, chunk):
+                ks = torch.arange(start + 1, min(start + chunk, self.total) + 1, device=self.device)  # prefix sizes
+                rank = torch.empty(self.total, dtype=torch.long, device=self.device)
+                rank[order] = torch.arange(self.total, device=self.device)
+                keep = (rank[None, :] >= ks[:, None]).to(self.dtype)  # (n, total): first k of order zeroed
+                masks, _ = self._site_masks(keep, 1)
+                logits = self._forward(x[None].expand(len(ks), *x.shape), [m.detach() for m in masks])
+                hit = torch.nonzero(logits.argmax(1) != y).flatten()
+                if hit.numel():
+                    found = int(ks[hit[0]])
+                    break
+            n = found if found is not None else self.total
+            flat = order[:n].tolist()
+            out.append((self._as_units(flat), found is not None))
+        return out
+
+    # -- post-edit accuracy -----------------------------------------------------------------
+    @torch.no_grad()
+    def post_edit(self, units_per_target: list[list[tuple[int, int]]], batch_rows: int = 8192) -> list[dict[str, float]]:
+        """Accuracy on the fixed samples of train_clean, train_noisy and test, per edited model."""
+        out: list[dict[str, float]] = [{} for _ in units_per_target]
+        sets = {k: (self.data.x_train[v], self.data.y_train[v]) for k, v in self.samples.items() if k != "test"}
+        sets["test"] = (self.data.x_test[self.samples["test"]], self.data.y_test[self.samples["test"]])
+        pos = {s: i for i, s in enumerate(self.sites)}
+        keep = torch.ones(len(units_per_target), self.total, dtype=self.dtype, device=self.device)
+        for t, units in enumerate(units_per_target):
+            for s, u in units:
+                keep[t, self.offsets[pos[s]] + u] = 0
+        for name, (x, y) in sets.items():
+            n = x.shape[0]
+            per = max(1, batch_rows // max(1, n))
+            for start in range(0, len(units_per_target), per):
+                k = keep[start:start + per]
+                masks, _ = self._site_masks(k, n)
+                xx = x[None].expand(k.shape[0], *x.shape).reshape(k.shape[0] * n, *x.shape[1:])
+                pred = self._forward(xx, [m.detach() for m in masks]).argmax(1).view(k.shape[0], n)
+                acc = (pred == y[None]).double().mean(1).tolist()
+                for j, a in enumerate(acc):
+                    out[start + j][name] = a
+        return out
+
+
+def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids: torch.Tensor, *,
+              method: str = "greedy", budget: int = 64, targets_per_batch: int = 64,
+              sites: list[int] | None = None, etd: ExampleTiedDropout | None = None,
+              eval_samples: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32,
+              max_rows: int = 2048) -> list[dict[str, Any]]:
+    """`flips` rows for `targets` (training example ids)."""
+    if method not in METHODS:
+        raise FlipError(f"method={method!r} is invalid: one of {list(METHODS)}")
+    if not isinstance(budget, int) or budget < 1:
+        raise FlipError(f"budget={budget!r} is invalid: an integer >= 1")
+    if not isinstance(targets_per_batch, int) or targets_per_batch < 1:
+        raise FlipError(f"targets_per_batch={targets_per_batch!r} is invalid: an integer >= 1")
+    was_training = model.training
+    model.eval()
+    params = [p for p in model.parameters()]
+    req = [p.requires_grad for p in params]
+    orig_dtype = next(model.parameters()).dtype
+    for p in params:
+        p.requires_grad_(False)
+    model.to(dtype)
+    try:
+        search = FlipSearch(model, data, reference_ids, sites=sites, etd=etd, eval_samples=eval_samples,
+                            seed=seed, dtype=dtype, max_rows=max_rows)
+        tg = torch.as_tensor(targets, dtype=torch.long)
+        search._check_ids(tg, "targets")
+        res = (search.greedy(tg, budget, targets_per_batch) if method == "greedy" else search.random(tg))
+        post = search.post_edit([u for u, _ in res])
+    finally:
+        model.to(orig_dtype)
+        for p, r in zip(params, req):
+            p.requires_grad_(r)
+        model.train(was_training)
+    rows = []
+    for t, (units, flipped), p in zip(tg.tolist(), res, post):
+        rows.append(FlipResult(t, bool(data.noise_mask[t]), int(data.y_train[t]), int(data.y_true[t]), method,
+                               flipped, units, p).row())
+    return rows
+
+
+def flip_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per method and target kind: median units to flip (targets not flipped count as infinitely
+    many; a median that lands on one is reported as NaN), the flipped fraction, and the median
+    post-edit test accuracy. Keys like 'flip/greedy/noisy/median_units'."""
+    out: dict[str, float] = {}
+    for method in METHODS:
+        for kind, noisy in (("noisy", True), ("clean", False)):
+            sel = [r for r in rows if r["method"] == method and r["is_noisy"] == noisy]
+            if not sel:
+                continue
+            n = sorted(r["n_units"] if r["flipped"] else math.inf for r in sel)
+            med = (n[(len(n) - 1) // 2] + n[len(n) // 2]) / 2
+            key = f"flip/{method}/{kind}"
+            out[f"{key}/median_units"] = med if math.isfinite(med) else math.nan
+            out[f"{key}/flipped_frac"] = sum(r["flipped"] for r in sel) / len(sel)
+            tests = sorted(r["post_test_acc"] for r in sel)
+            out[f"{key}/median_post_test_acc"] = (tests[(len(tests) - 1) // 2] + tests[len(tests) // 2]) / 2
+    return out
