@@ -14,7 +14,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 Rows = list[dict[str, Any]]
 CLEAN, NOISY = "tab:blue", "tab:red"
@@ -34,15 +34,15 @@ def gradients_figure(rows: Rows, title: str = "") -> plt.Figure:
         sel = sorted((r for r in rows if r["layer_index"] == gi), key=lambda r: r["epoch"])
         ep = [r["epoch"] for r in sel]
         col = cmap(k / max(1, len(groups) - 1))
-        ax1.plot(ep, [r["clean_norm"] for r in sel], color=col, ls="-", label=f"{name} clean")
-        ax1.plot(ep, [r["noisy_norm"] for r in sel], color=col, ls="--", label=f"{name} noisy")
+        ax1.plot(ep, [r["clean_norm"] for r in sel], color=col, ls="-")
+        ax1.plot(ep, [r["noisy_norm"] for r in sel], color=col, ls="--")
         ax2.plot(ep, [r["cosine"] for r in sel], color=col, label=name)
     ax1.set(xlabel="epoch", ylabel="gradient norm / sqrt(params)", yscale="log",
             title="Gradient norm per layer group (solid clean, dashed noisy)")
     ax2.axhline(0, color="gray", lw=0.8)
     ax2.set(xlabel="epoch", ylabel="cosine(clean grad, noisy grad)", title="Clean vs noisy gradient cosine")
-    ax1.legend(fontsize=6, ncol=2)
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, title="layer group (both panels)", title_fontsize=7, loc="center left",
+               bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(title or "Gradient accounting")
     fig.tight_layout()
     return fig
@@ -87,7 +87,7 @@ def retraining_figure(rows: Rows, title: str = "") -> plt.Figure:
         ax.bar(xs, [acc.get((gi, s), math.nan) for gi, _ in groups], w, label=s, color=colors[s])
     ax.set_xticks(range(len(groups)), [n for _, n in groups], rotation=30)
     ax.set(ylim=(0, 1.05), xlabel="layer group retrained on clean examples", ylabel="accuracy")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or "Layer retraining")
     fig.tight_layout()
     return fig
@@ -109,8 +109,8 @@ def flips_figure(rows: Rows, title: str = "") -> plt.Figure:
                      label=f"{kind} ({len(counts[kind])}/{n_all} flipped)")
         rnd = sorted(r["n_units"] for r in rows if r["method"] == "random" and r["is_noisy"] == (kind == "noisy")
                      and r["flipped"])
-        if rnd:
-            ax1.axvline(min(rnd[len(rnd) // 2], top + 1), color=col, ls=":", label=f"random {kind} median {rnd[len(rnd) // 2]}")
+        if rnd:  # the random baseline usually needs far more units: its median goes in the legend
+            ax1.plot([], [], color=col, ls=":", label=f"random {kind}: median {rnd[len(rnd) // 2]} units")
     ax1.set(xlabel="units zeroed to flip the prediction", ylabel="targets", title="Greedy minimum-unit flip")
     ax1.legend(fontsize=8)
     per_site: dict[int, dict[str, int]] = defaultdict(lambda: {"noisy": 0, "clean": 0})

@@ -41,7 +41,7 @@ def test_batched_equals_one_at_a_time_and_units_really_flip(trained, arch):
     targets, ref = select_targets(model, data, 6, 6, 24, seed=0)
     assert len(targets) == 12 and not torch.isin(targets, ref).any()
     assert not data.noise_mask[ref].any()
-    kw = dict(budget=24, eval_samples=64, dtype=torch.float64)
+    kw = {"budget": 24, "eval_samples": 64, "dtype": torch.float64}
     batched = flip_rows(model, data, targets, ref, targets_per_batch=12, **kw)
     single = flip_rows(model, data, targets, ref, targets_per_batch=1, **kw)
     chunked = flip_rows(model, data, targets, ref, targets_per_batch=5, **kw)
