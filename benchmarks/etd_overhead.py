@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from memray.config import DataConfig, ExperimentConfig
 from memray.data import batches, load_data
 from memray.dropout import ExampleTiedDropout
-from memray.train import Trainer, pick_device
+from memray.train import Trainer, describe_device, pick_device
 
 EPOCHS = int(os.environ.get("BENCH_EPOCHS", "4"))
 BATCH = 128
@@ -92,8 +92,8 @@ def bench(arch: str, dataset: str, device: torch.device) -> dict:
 
 def main() -> None:
     device = pick_device()
-    out = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda"
-           else f"cpu ({torch.get_num_threads()} threads)", "batch_size": BATCH, "epochs": EPOCHS,
+    out = {"torch": torch.__version__, "device": describe_device(device),
+           "batch_size": BATCH, "epochs": EPOCHS,
            "models": {arch: bench(arch, ds, device) for arch, ds in CASES}}
     out["etd_over_none"] = out["models"]["resnet9"]["worst_etd_over_none"]
     out["mlp_etd_over_none"] = out["models"]["mlp"]["worst_etd_over_none"]

@@ -19,7 +19,7 @@ import torch
 from memray.config import DataConfig, ExperimentConfig
 from memray.data import load_data
 from memray.probes.flips import FlipSearch, select_targets
-from memray.train import Trainer, pick_device
+from memray.train import Trainer, describe_device, pick_device
 from sweeps.presets import PRESETS
 
 N_TARGETS = int(os.environ.get("BENCH_TARGETS", "64"))
@@ -61,8 +61,8 @@ def bench(arch: str, device: torch.device) -> dict:
 
 def main() -> None:
     device = pick_device()
-    out = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda"
-           else f"cpu ({torch.get_num_threads()} threads)", "models": {a: bench(a, device) for a in ("mlp", "resnet9")}}
+    out = {"torch": torch.__version__, "device": describe_device(device),
+           "models": {a: bench(a, device) for a in ("mlp", "resnet9")}}
     out["batched_speedup"] = out["models"]["mlp"]["speedup"]
     out["resnet9_speedup"] = out["models"]["resnet9"]["speedup"]
     out["goals"] = {"batched_speedup": ">= 2 on CPU, >= 20 on a GPU", "resnet9_speedup": ">= 0.9 on CPU"}

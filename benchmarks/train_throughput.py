@@ -14,7 +14,7 @@ import torch
 
 from memray.config import ARCHS, DataConfig, ExperimentConfig
 from memray.data import Data, load_data
-from memray.train import Trainer, pick_device
+from memray.train import Trainer, describe_device, pick_device
 
 EPOCHS = int(os.environ.get("BENCH_EPOCHS", "2"))
 
@@ -33,8 +33,7 @@ def time_epochs(tr: Trainer, epochs: int) -> float:
 
 def main() -> None:
     device = pick_device()
-    out: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda"
-                 else f"cpu ({torch.get_num_threads()} threads)", "epochs_timed": EPOCHS, "examples_per_s": {}}
+    out: dict = {"torch": torch.__version__, "device": describe_device(device), "epochs_timed": EPOCHS, "examples_per_s": {}}
     for ds in ("digits", "mnist1d"):
         data = load_data(DataConfig(dataset=ds))
         for arch in ARCHS:
