@@ -4,7 +4,7 @@ rewinding, retraining and flips, and print the measured findings next to the pap
 Also times the full rewinding table on its own (every layer group x every snapshot epoch, batched
 inference). Figures go to --figures DIR when given. Not a timing benchmark otherwise.
 
-    python scripts/layer_findings.py --dataset digits --arch resnet9 --figures /tmp/figs
+    python scripts/layer_findings.py --dataset digits --arch resnet9 --figures figures
 """
 from __future__ import annotations
 

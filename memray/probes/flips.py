@@ -238,10 +238,10 @@ class FlipSearch:
             order = torch.randperm(self.total, generator=g).to(self.device)
             x, y = self.data.x_train[t], int(self.data.y_train[t])
             found = None
+            rank = torch.empty(self.total, dtype=torch.long, device=self.device)
+            rank[order] = torch.arange(self.total, device=self.device)  # position of each unit in the order
             for start in range(0, self.total, chunk):
                 ks = torch.arange(start + 1, min(start + chunk, self.total) + 1, device=self.device)  # prefix sizes
-                rank = torch.empty(self.total, dtype=torch.long, device=self.device)
-                rank[order] = torch.arange(self.total, device=self.device)
                 keep = (rank[None, :] >= ks[:, None]).to(self.dtype)  # (n, total): first k of order zeroed
                 masks, _ = self._site_masks(keep, 1)
                 logits = self._forward(x[None].expand(len(ks), *x.shape), [m.detach() for m in masks])
