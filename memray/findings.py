@@ -9,6 +9,8 @@ import math
 import statistics
 from typing import Any
 
+from .probes.flips import units_to_flip
+
 Rows = list[dict[str, Any]]
 
 
@@ -50,8 +52,7 @@ def flip_findings(rows: Rows, test_before: float | None = None) -> dict[str, Any
     """Medians of units to flip (not flipped counts as infinite), per method and target kind;
     the sites the greedy units fall on; the median post-edit test accuracy (and its drop)."""
     def med(method, noisy):
-        v = [r["n_units"] if r["flipped"] else math.inf for r in rows
-             if r["method"] == method and r["is_noisy"] == noisy]
+        v = units_to_flip(rows, method, noisy)
         return statistics.median(v) if v else math.nan
 
     greedy_noisy = [r for r in rows if r["method"] == "greedy" and r["is_noisy"]]

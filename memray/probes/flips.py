@@ -33,6 +33,7 @@ learned clean ones).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,6 +320,12 @@ def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids
     return rows
 
 
+def units_to_flip(rows: list[dict[str, Any]], method: str, noisy: bool) -> list[float]:
+    """Units zeroed per target of one method and kind; a target not flipped counts as infinite."""
+    return [r["n_units"] if r["flipped"] else math.inf for r in rows
+            if r["method"] == method and r["is_noisy"] == noisy]
+
+
 def flip_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Per method and target kind: median units to flip (targets not flipped count as infinitely
     many; a median that lands on one is reported as NaN), the flipped fraction, and the median
@@ -326,14 +333,13 @@ def flip_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for method in METHODS:
         for kind, noisy in (("noisy", True), ("clean", False)):
-            sel = [r for r in rows if r["method"] == method and r["is_noisy"] == noisy]
-            if not sel:
+            n = units_to_flip(rows, method, noisy)
+            if not n:
                 continue
-            n = sorted(r["n_units"] if r["flipped"] else math.inf for r in sel)
-            med = (n[(len(n) - 1) // 2] + n[len(n) // 2]) / 2
+            med = statistics.median(n)
             key = f"flip/{method}/{kind}"
             out[f"{key}/median_units"] = med if math.isfinite(med) else math.nan
-            out[f"{key}/flipped_frac"] = sum(r["flipped"] for r in sel) / len(sel)
-            tests = sorted(r["post_test_acc"] for r in sel)
-            out[f"{key}/median_post_test_acc"] = (tests[(len(tests) - 1) // 2] + tests[len(tests) // 2]) / 2
+            out[f"{key}/flipped_frac"] = sum(math.isfinite(v) for v in n) / len(n)
+            out[f"{key}/median_post_test_acc"] = statistics.median(
+                r["post_test_acc"] for r in rows if r["method"] == method and r["is_noisy"] == noisy)
     return out
