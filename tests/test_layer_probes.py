@@ -99,3 +99,26 @@ def test_retraining_touches_only_group_g_and_no_noisy_example(trained):
     assert sorted(set(ids.tolist())) == trained.data.clean_ids().tolist()
     # the original model is untouched
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_gradient_accounting_float32_stats_match_float64_reference():
+    """Stats come from float32 dot products (no float64 copies): still within 1e-5 of float64."""
+    torch.manual_seed(1)
+    m = build_model("mlp", 512, (1, 8, 8), 10)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    noisy = torch.zeros(64, dtype=torch.bool)
+    noisy[::9] = True
+    losses = F.cross_entropy(m(x), y, reduction="none")
+    params = list(m.parameters())
+    gn = torch.autograd.grad(losses[noisy].sum(), params, retain_graph=True)
+    gc = torch.autograd.grad(losses[~noisy].sum(), params, retain_graph=True)
+    acc = GradientAccounting(m)
+    acc.backward(losses, noisy)
+    rows = acc.end_epoch()
+    for gi in range(len(rows)):
+        idx = [i for i, (n, _) in enumerate(m.named_parameters()) if m.group_of(n) == gi]
+        a = torch.cat([gc[i].double().flatten() for i in idx])
+        b = torch.cat([gn[i].double().flatten() for i in idx])
+        assert rows[gi]["clean_norm"] == pytest.approx(a.norm().item() / a.numel() ** 0.5, rel=1e-5)
+        assert rows[gi]["noisy_norm"] == pytest.approx(b.norm().item() / b.numel() ** 0.5, rel=1e-5)
+        assert rows[gi]["cosine"] == pytest.approx(F.cosine_similarity(a, b, dim=0).item(), rel=1e-4, abs=1e-6)
