@@ -18,6 +18,14 @@ from . import tables
 from .config import ExperimentConfig
 
 
+def default_uri(results: str) -> str:
+    """`sqlite:///<results>/mlflow.db` for a local results dir; `sqlite:///mlflow.db` in the working
+    directory for a URI results dir (on a cluster, pass the head's server instead)."""
+    if "://" in results:
+        return "sqlite:///mlflow.db"
+    return f"sqlite:///{os.path.abspath(results)}/mlflow.db"
+
+
 class MlflowView:
     def __init__(self, uri: str, sweep: str):
         self.client = MlflowClient(tracking_uri=uri)

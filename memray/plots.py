@@ -130,6 +130,39 @@ def flips_figure(rows: Rows, title: str = "") -> plt.Figure:
     return fig
 
 
+ETD_MODES = ("plain", "own", "all", "drop")
+ETD_SUBSETS = ("train_clean", "train_noisy", "train_noisy_true", "test")
+MODE_COLORS = {"plain": "tab:gray", "own": "tab:orange", "all": "tab:green", "drop": "tab:purple"}
+
+
+def etd_figure(rows: Rows, title: str = "") -> plt.Figure:
+    """Final accuracy per evaluation mode and subset (EXPERIMENTS.md section 5): the ETD trial's
+    own/all/drop rows and its plain twin's rows (mode `plain`), last epoch of each."""
+    last: dict[str, int] = {}
+    for r in rows:
+        last[r["mode"]] = max(last.get(r["mode"], 0), int(r["epoch"]))
+    acc = {(r["mode"], r["subset"]): r["accuracy"] for r in rows if int(r["epoch"]) == last[r["mode"]]}
+    modes = [m for m in ETD_MODES if m in last]
+    fig, ax = plt.subplots(figsize=(9.5, 4))
+    w = 0.8 / max(1, len(modes))
+    for i, m in enumerate(modes):
+        xs = [j + (i - (len(modes) - 1) / 2) * w for j in range(len(ETD_SUBSETS))]
+        vals = [acc.get((m, s), math.nan) for s in ETD_SUBSETS]
+        label = "plain twin (no ETD)" if m == "plain" else m
+        bars = ax.bar(xs, [0 if math.isnan(v) else v for v in vals], w, label=label, color=MODE_COLORS[m])
+        for b, v in zip(bars, vals):
+            ax.annotate("n/a" if math.isnan(v) else f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(ETD_SUBSETS)), ETD_SUBSETS)
+    ax.set_ylim(0, 1.12)
+    ax.set_xlabel("subset")
+    ax.set_ylabel("accuracy (final epoch)")
+    ax.legend(title="evaluation mode", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title or "Example-tied dropout: accuracy per mode")
+    fig.tight_layout()
+    return fig
+
+
 def png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -32,7 +32,8 @@ SCHEMAS: dict[str, pa.Schema] = {
                          ("dropout", pa.string()), ("p_gen", pa.float64()), ("p_mem", pa.float64()),
                          ("seed", pa.int32()), ("epochs", pa.int32()), ("status", pa.string()),
                          ("attempts", pa.int32()), ("wall_s", pa.float64()), ("device", pa.string()),
-                         ("node_id", pa.string()), ("config_json", pa.string()), ("error", pa.string())]),
+                         ("node_id", pa.string()), ("config_json", pa.string()), ("error", pa.string()),
+                         ("epochs_done", pa.int32()), ("restored_from", pa.int32()), ("run_id", pa.string())]),
     "evals": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("epoch", pa.int32()),
                         ("mode", pa.string()), ("subset", pa.string()), ("accuracy", pa.float64()),
                         ("loss", pa.float64()), ("n", pa.int32())]),
@@ -71,8 +72,18 @@ def filesystem(results: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(results)
 
 
+def fragment_rel(table: str, sweep: str, key: str) -> str:
+    return f"tables/{table}/sweep={check_name('sweep', sweep)}/{check_name('trial_key', key)}.parquet"
+
+
 def fragment_path(base: str, table: str, sweep: str, key: str) -> str:
-    return f"{base}/tables/{table}/sweep={check_name('sweep', sweep)}/{check_name('trial_key', key)}.parquet"
+    return f"{base}/{fragment_rel(table, sweep, key)}"
+
+
+def read_fragment(results: str, table: str, sweep: str, key: str) -> list[dict[str, Any]]:
+    """One fragment's rows (with the declared schema; the `sweep` column is stored in the file)."""
+    fs, base = filesystem(results)
+    return pq.read_table(fragment_path(base, table, sweep, key), filesystem=fs, schema=SCHEMAS[table]).to_pylist()
 
 
 def to_table(table: str, rows: Iterable[dict[str, Any]]) -> pa.Table:

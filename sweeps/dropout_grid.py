@@ -16,7 +16,16 @@ import sys
 from memray.config import ANALYSES, ConfigError, ExperimentConfig
 from memray.data import DatasetMissing, prepare
 
-from .common import UsageError, add_runtime_flags, check_resume, check_runtime, launch, print_dry_run, split_list
+from .common import (
+    UsageError,
+    add_runtime_flags,
+    check_resume,
+    check_runtime,
+    launch,
+    longest_first,
+    print_dry_run,
+    split_list,
+)
 from .presets import PAPER_RESNET9_WIDTH, PRESETS
 
 
@@ -31,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets"), p.add_argument("--archs"), p.add_argument("--widths")
     p.add_argument("--noise"), p.add_argument("--p-gen"), p.add_argument("--p-mem")
     p.add_argument("--dropout", help="kinds besides the always-present twin 'none': example_tied,standard")
+    p.add_argument("--lr", help="peak learning rates (an axis), e.g. 0.05,0.1")
     p.add_argument("--seeds"), p.add_argument("--epochs", type=int)
     p.add_argument("--analyses", help=f"comma-separated from {list(ANALYSES)}, or 'none'")
     add_runtime_flags(p)
@@ -50,6 +60,7 @@ def build_configs(args) -> list[ExperimentConfig]:
         "p_mem": split_list("--p-mem", args.p_mem, float) if args.p_mem else pr["p_mem"],
         "dropout": split_list("--dropout", args.dropout, str) if args.dropout else pr["dropout"],
         "seeds": split_list("--seeds", args.seeds, int) if args.seeds else pr["seeds"],
+        "lr": split_list("--lr", args.lr, float) if args.lr else [None],
     }
     analyses = pr["analyses"]
     if args.analyses:
@@ -58,8 +69,8 @@ def build_configs(args) -> list[ExperimentConfig]:
         raise UsageError(f"--epochs={args.epochs} is invalid: an integer >= 1")
     base = pr.get("base", {})
     configs: dict[str, ExperimentConfig] = {}
-    for ds, arch, width, noise, seed in itertools.product(axes["datasets"], axes["archs"], axes["widths"],
-                                                          axes["noise"], axes["seeds"]):
+    for ds, arch, width, noise, seed, lr in itertools.product(axes["datasets"], axes["archs"], axes["widths"],
+                                                              axes["noise"], axes["seeds"], axes["lr"]):
         epochs = (args.epochs or pr["epochs"] or pr.get("epochs_by_arch", {}).get(arch)
                   or pr.get("epochs_by_dataset", {}).get(ds, 50))
         if width is None and args.preset == "paper" and arch == "resnet9":
@@ -78,6 +89,8 @@ def build_configs(args) -> list[ExperimentConfig]:
                 drop.update({"p_gen": pg, "p_mem": pm})
             d["dropout"] = drop
             d.setdefault("optim", {})["epochs"] = epochs
+            if lr is not None:
+                d["optim"]["lr"] = lr
             d.setdefault("analyses", {})["run"] = list(analyses)
             snaps = d["analyses"].get("snapshot_epochs")
             if snaps:  # snapshots past the end are never taken
@@ -85,7 +98,7 @@ def build_configs(args) -> list[ExperimentConfig]:
             d["seed"] = seed
             c = ExperimentConfig.from_dict(d)
             configs.setdefault(c.trial_key, c)
-    return list(configs.values())
+    return longest_first(list(configs.values()))
 
 
 def main(argv=None) -> int:
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
             print_dry_run(configs, args, resources(args.cpus_per_trial, args.gpus_per_trial,
                                                    args.analysis_workers).bundles)
             return 0
-        check_resume(args, configs)
+        run_id = check_resume(args, configs)
         for ds in sorted({c.data.dataset for c in configs}):
             prepare(ds, args.data_dir or _default_dir(), download=args.download)
     except (UsageError, ConfigError, ValueError) as e:
@@ -110,7 +123,7 @@ def main(argv=None) -> int:
     except DatasetMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return launch(args, configs, args.preset)
+    return launch(args, configs, args.preset, resume_run_id=run_id)
 
 
 def _default_dir():

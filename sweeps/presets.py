@@ -38,7 +38,9 @@ PRESETS: dict[str, dict] = {
         "p_gen": [0.1, 0.2, 0.4], "p_mem": [0.05, 0.1, 0.2], "seeds": [0, 1, 2], "epochs": None,
         "analyses": ["gradients", "rewind", "retrain", "flip"],
         "base": {"optim": {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 512, "schedule": "onecycle"},
-                 "analyses": {"snapshot_epochs": [0, 1, 2, 5, 10, 25, 50]}},
+                 "analyses": {"snapshot_epochs": [0, 1, 2, 5, 10, 25, 50]},
+                 # an ETD evaluation (3 modes on the training set) costs about an epoch of training
+                 "eval_every": 5},
         "epochs_by_dataset": {"mnist": 100, "svhn": 50, "cifar10": 50},
     },
 }

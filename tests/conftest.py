@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,3 +23,27 @@ def small_cfg(**changes):
 
     base = ExperimentConfig().replace(**{"optim.epochs": 2, "analyses.run": []})
     return base.replace(**changes) if changes else base
+
+
+PY = sys.executable
+
+
+def run_cli(*args, module="sweeps.dropout_grid", timeout=600, env=None):
+    return subprocess.run([PY, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def q(results, table, sql="select count(*) from t"):
+    import duckdb
+
+    rel = duckdb.read_parquet(f"{results}/tables/{table}/*/*.parquet", hive_partitioning=True)  # noqa: F841 (named in the SQL)
+    return duckdb.sql(sql.replace("from t", "from rel")).fetchall()
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """One real tiny sweep (2 trials through Ray Tune) shared by the tests that only read it."""
+    results = tmp_path_factory.mktemp("tiny") / "results"
+    p = run_cli("--preset", "tiny", "--results-dir", str(results), "--name", "t1")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return results, p.stdout

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from memray.config import ConfigError, DropoutConfig, ExperimentConfig
-from memray.dropout import ExampleTiedDropout, StandardDropout, hash32, keep_bits, pack_bits, unpack_bits
+from memray.dropout import (
+    ExampleTiedDropout,
+    StandardDropout,
+    hash32,
+    keep_bits,
+    pack_bits,
+    unpack_bits,
+)
 from memray.train import Trainer
 
 UNITS = [16, 64, 130]

@@ -1,29 +1,10 @@
 """The dropout_grid CLI end to end through real Ray Tune trials (tiny preset)."""
 import json
 import subprocess
-import sys
 
-import duckdb
 import pytest
 
-PY = sys.executable
-
-
-def run_cli(*args, timeout=600):
-    return subprocess.run([PY, "-m", "sweeps.dropout_grid", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def q(results, table, sql="select count(*) from t"):
-    rel = duckdb.read_parquet(f"{results}/tables/{table}/*/*.parquet", hive_partitioning=True)
-    return duckdb.sql(sql.replace("from t", "from rel")).fetchall()
-
-
-@pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory):
-    results = tmp_path_factory.mktemp("tiny") / "results"
-    p = run_cli("--preset", "tiny", "--results-dir", str(results), "--name", "t1")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return results, p.stdout
+from .conftest import PY, q, run_cli
 
 
 @pytest.mark.slow
@@ -46,6 +27,12 @@ def test_tiny_sweep_writes_every_table(tiny_sweep):
     assert len(per) == 4 and per[0][2] == per[1][2] and per[2][2] == per[3][2]
     assert all(0 < len(ids) <= 8 for _, _, ids in per)
     assert q(results, "flips", "select count(*) from t where method = 'greedy' and n_units > 8") == [(0,)]
+    # two trials at once on 2 cores: their training intervals overlap
+    spans = []
+    for f in sorted(results.glob("ray/t1/*/result.json")):
+        ts = [json.loads(line)["timestamp"] for line in f.read_text().splitlines()]
+        spans.append((min(ts), max(ts)))
+    assert len(spans) == 2 and max(a for a, _ in spans) <= min(b for _, b in spans)  # 1 s resolution
     keys = [k for (k,) in q(results, "trials", "select trial_key from t")]
     for k in keys:
         figs = sorted(p.name for p in (results / "figures" / "sweep=t1" / k).iterdir())

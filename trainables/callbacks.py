@@ -6,7 +6,9 @@ route to a tracking server). MLflow failures never fail a trial: they warn, and
 """
 from __future__ import annotations
 
+import queue
 import re
+import threading
 import warnings
 
 from ray import tune
@@ -14,30 +16,38 @@ from ray import tune
 from memray import tables
 from memray.config import ExperimentConfig
 
+from .trial import exp_dict
+
 _ACC = re.compile(r"^(plain|own|all|drop)/(train_clean|train_noisy|train_noisy_true|test)/accuracy$")
 
 
-def trial_row(sweep: str, exp: dict, status: str, attempts: int, result: dict, error: str | None) -> dict:
+def trial_row(sweep: str, exp: dict, status: str, attempts: int, result: dict, error: str | None,
+              run_id: str | None = None) -> dict:
     c = ExperimentConfig.from_dict(exp)
     return {"sweep": sweep, "trial_key": c.trial_key, "dataset": c.data.dataset, "arch": c.model.arch,
             "width": c.model.resolved_width, "noise_rate": c.data.noise_rate, "dropout": c.dropout.kind,
             "p_gen": c.dropout.p_gen, "p_mem": c.dropout.p_mem, "seed": c.seed, "epochs": c.optim.epochs,
             "status": status, "attempts": attempts, "wall_s": result.get("wall_s"),
             "device": result.get("device"), "node_id": result.get("node_id"),
-            "config_json": c.canonical_json(), "error": error}
+            "config_json": c.canonical_json(), "error": error, "epochs_done": result.get("epoch"),
+            "restored_from": result.get("restored_from"), "run_id": run_id}
 
 
 class TrialsTable(tune.Callback):
+    """One `trials` row per trial, written when it ends: status `done`, `stopped` (ended early by
+    the scheduler) or `failed` (after its retries, with the error)."""
+
     def __init__(self, results: str, sweep: str):
         self.results, self.sweep = results, sweep
 
     def _write(self, trial, status: str, error: str | None) -> None:
-        row = trial_row(self.sweep, trial.config["exp"], status, trial.num_failures + (status == "done"),
-                        trial.last_result or {}, error)
+        row = trial_row(self.sweep, exp_dict(trial.config), status, trial.num_failures + (status != "failed"),
+                        trial.last_result or {}, error, trial.config.get("run_id"))
         tables.write_fragment(self.results, "trials", self.sweep, row["trial_key"], [row])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._write(trial, "done", None)
+        done = (trial.last_result or {}).get("phase") == "done"
+        self._write(trial, "done" if done else "stopped", None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         err = None
@@ -50,58 +60,85 @@ class TrialsTable(tune.Callback):
 
 
 class MlflowLogger(tune.Callback):
-    """Experiment = sweep; one parent run per sweep name, one child per trial (tag trial_key)."""
+    """Experiment = sweep; one parent run per sweep name, one child per trial (tag trial_key).
+
+    All MLflow calls run on one background thread, in order: a slow store (creating a fresh SQLite
+    database takes seconds) or a slow server never holds up Tune's loop or the trials' reports.
+    The thread is drained when the experiment ends. After the first failure it stops logging
+    (one warning) and the sweep goes on."""
 
     def __init__(self, uri: str, sweep: str, results: str):
         self.uri, self.sweep, self.results = uri, sweep, results
-        self.client = None
-        self.parent_id: str | None = None
-        self.children: dict[str, str] = {}
+        self.view = None
+        self.failed = False
+        self.queue: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
 
-    def _safe(self, fn, *a):
-        try:
-            return fn(*a)
-        except Exception as e:  # MLflow is a view: never fail a trial over it
-            warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); the Parquet tables are "
-                          f"complete: `python -m analysis.sync_mlflow --results-dir {self.results}` rebuilds it")
-            return None
+    def __getstate__(self):  # Tune pickles callbacks with the experiment: leave the thread out
+        return {"uri": self.uri, "sweep": self.sweep, "results": self.results}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["sweep"], state["results"])
+
+    def _run(self):
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            if self.failed:
+                continue
+            fn, args = job
+            try:
+                fn(*args)
+            except Exception as e:  # MLflow is a view: never fail a trial over it
+                self.failed = True
+                warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); the Parquet tables are "
+                              f"complete: `python -m analysis.sync_mlflow --results-dir {self.results}` "
+                              f"rebuilds it", stacklevel=1)
+
+    def _submit(self, fn, *args):
+        self.queue.put((fn, args))
 
     def setup(self, **info):
-        self._safe(self._setup)
+        self.thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+        self.thread.start()
+        self._submit(self._setup)
+
+    def on_experiment_end(self, trials, **info):
+        self.drain()
+
+    def drain(self):
+        if self.thread is not None and self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
 
     def _setup(self):
         from memray.mlflow_view import MlflowView
 
         self.view = MlflowView(self.uri, self.sweep)
-        self.client = self.view.client
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if self.client is None:
-            return
-        self._safe(self._log, trial, result)
+        self._submit(self._log, exp_dict(trial.config), dict(result))
 
-    def _log(self, trial, result):
-        key = result.get("trial_key") or ExperimentConfig.from_dict(trial.config["exp"]).trial_key
-        run_id = self.view.child(key, trial.config["exp"])
+    def _log(self, exp, result):
+        key = result.get("trial_key") or ExperimentConfig.from_dict(exp).trial_key
+        run_id = self.view.child(key, exp)
         if result.get("phase") == "train":
-            metrics = {k: v for k, v in result.items() if _ACC.match(k) and isinstance(v, float)}
+            metrics = {k: v for k, v in result.items()
+                       if (_ACC.match(k) or k == "objective") and isinstance(v, float)}
             self.view.log_metrics(run_id, metrics, step=int(result["epoch"]))
         elif result.get("phase") == "done":
             metrics = {f"final/{k}": v for k, v in result.items() if _ACC.match(k) and isinstance(v, float)}
             self.view.log_metrics(run_id, metrics, step=int(result["epoch"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if self.client is None:
-            return
-        self._safe(self._finish, trial, "FINISHED")
+        self._submit(self._finish, exp_dict(trial.config), "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        if self.client is None:
-            return
-        self._safe(self._finish, trial, "FAILED")
+        self._submit(self._finish, exp_dict(trial.config), "FAILED")
 
-    def _finish(self, trial, status):
-        key = ExperimentConfig.from_dict(trial.config["exp"]).trial_key
-        run_id = self.view.child(key, trial.config["exp"])
+    def _finish(self, exp, status):
+        key = ExperimentConfig.from_dict(exp).trial_key
+        run_id = self.view.child(key, exp)
         self.view.log_figures(run_id, self.results, key)
         self.view.client.set_terminated(run_id, status)

@@ -1,0 +1,81 @@
+"""python -m analysis.sync_mlflow: rebuild or complete the MLflow view from the Parquet tables.
+
+Parquet is the source of truth; MLflow is a view of it (ARCHITECTURE.md, "MLflow"). When the
+tracking server was unreachable during a sweep (trials never fail over it), or to move runs to
+another tracking server, this logs every trial of the chosen sweeps from the tables: experiment =
+sweep, one parent run per sweep, one child per trial tagged trial_key (existing runs are reused,
+never duplicated), params = the flattened config, `<mode>/<subset>/accuracy` per epoch (step =
+epoch), the finals, the trial's figures as artifacts, and the run status from `trials`.
+
+    python -m analysis.sync_mlflow --results-dir results
+    python -m analysis.sync_mlflow --results-dir s3://bucket/prefix --mlflow-uri http://127.0.0.1:5000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from memray.mlflow_view import MlflowView, default_uri
+
+from .store import StoreError, open_store
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis.sync_mlflow", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default="results", help="local path or URI [results]")
+    p.add_argument("--sweep", action="append", default=None, help="a sweep to sync (repeat for several) [all]")
+    p.add_argument("--mlflow-uri", default=None, help="tracking URI [sqlite:///<results>/mlflow.db]")
+    p.add_argument("--skip-corrupt", action="store_true", help="leave out unreadable fragments (named)")
+    return p
+
+
+def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: bool = False) -> dict[str, int]:
+    """Log the sweeps' trials to MLflow; returns {sweep: trials synced}."""
+    store = open_store(results, skip_corrupt=skip_corrupt, tables=("trials", "evals"))
+    known = [r["sweep"] for r in store.rows("select distinct sweep from trials order by sweep")]
+    unknown = [s for s in (sweeps or []) if s not in known]
+    if unknown:
+        raise ValueError(f"--sweep={unknown[0]!r} is invalid: sweeps with trials under {results}: {known}")
+    out = {}
+    for sweep in sweeps or known:
+        view = MlflowView(uri, sweep)
+        trials = store.rows("select trial_key, status, config_json from trials where sweep = ? order by trial_key",
+                            [sweep])
+        for t in trials:
+            run_id = view.child(t["trial_key"], json.loads(t["config_json"]))
+            evals = store.rows("select epoch, mode, subset, accuracy from evals where sweep = ? and trial_key = ? "
+                               "order by epoch", [sweep, t["trial_key"]])
+            by_epoch: dict[int, dict[str, float]] = {}
+            for r in evals:
+                by_epoch.setdefault(int(r["epoch"]), {})[f"{r['mode']}/{r['subset']}/accuracy"] = r["accuracy"]
+            for epoch, metrics in sorted(by_epoch.items()):
+                view.log_metrics(run_id, metrics, step=epoch)
+            if by_epoch and t["status"] == "done":
+                last = max(by_epoch)
+                view.log_metrics(run_id, {f"final/{k}": v for k, v in by_epoch[last].items()}, step=last)
+            view.log_figures(run_id, results, t["trial_key"])
+            view.client.set_terminated(run_id, {"done": "FINISHED", "failed": "FAILED"}.get(t["status"], "KILLED"))
+        out[sweep] = len(trials)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    uri = args.mlflow_uri or default_uri(args.results_dir)
+    try:
+        done = sync(args.results_dir, uri, args.sweep, args.skip_corrupt)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for sweep, n in done.items():
+        print(f"synced sweep {sweep!r}: {n} trials -> {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Sweep overhead: the smoke and default grids through Ray Tune vs the same configs in-process.
+
+For each grid: (1) every config run one after another in this process with `memray.run_trial`
+(training and all analyses, torch using every core), then (2) the same grid through
+`python -m sweeps.dropout_grid` (Ray start-up, trials in parallel, per-epoch checkpoints, analysis
+actors, tables, MLflow: everything a user waits for), wall time of the whole command. Headline
+`tune_over_sequential` = Tune wall time / sequential wall time for the default grid (goal <= 0.8
+on 2 cores: parallel trials and actors must pay for Ray).
+
+    python benchmarks/sweep_overhead.py                 # smoke and default (about 10 minutes on 2 cores)
+    BENCH_GRIDS=smoke python benchmarks/sweep_overhead.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from memray.experiment import run_trial
+from memray.train import describe_device
+from sweeps.dropout_grid import build_configs, parser
+
+GRIDS = [g for g in os.environ.get("BENCH_GRIDS", "smoke,default").split(",") if g]
+
+
+def sequential(preset: str) -> dict:
+    configs = build_configs(parser().parse_args(["--preset", preset]))
+    t0 = time.perf_counter()
+    per = []
+    for c in configs:
+        t = time.perf_counter()
+        run_trial(c, device="cpu")
+        per.append(round(time.perf_counter() - t, 2))
+    return {"trials": len(configs), "wall_s": round(time.perf_counter() - t0, 2), "per_trial_s": per}
+
+
+def through_tune(preset: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "sweeps.dropout_grid", "--preset", preset, "--results-dir",
+                            f"{d}/results", "--name", f"bench-{preset}"], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"sweep failed ({p.returncode}): {p.stderr[-2000:]}")
+    return {"wall_s": round(wall, 2)}
+
+
+def main() -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {"torch": torch.__version__, "device": describe_device(torch.device("cpu")), "cpus": os.cpu_count(),
+           "grids": {}}
+    for g in GRIDS:
+        seq = sequential(g)
+        tune = through_tune(g)
+        out["grids"][g] = {"sequential": seq, "tune": tune,
+                           "tune_over_sequential": round(tune["wall_s"] / seq["wall_s"], 3)}
+        print(json.dumps({g: out["grids"][g]}), flush=True)
+    key = "default" if "default" in out["grids"] else GRIDS[-1]
+    out["headline"] = {"tune_over_sequential": out["grids"][key]["tune_over_sequential"], "grid": key}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The results store read back: declared schemas, analysis.query, analysis.report, MLflow server,
+idempotent re-runs, interrupted writes and corrupt fragments."""
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+
+from analysis.store import StoreError, open_store
+from memray.tables import SCHEMAS
+
+from .conftest import PY, q, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def copy_results(tiny_sweep, tmp_path):
+    results, _ = tiny_sweep
+    dst = tmp_path / "results"
+    shutil.copytree(results, dst)
+    return dst
+
+
+def test_every_table_reads_with_its_declared_schema(tiny_sweep):
+    results, _ = tiny_sweep
+    store = open_store(str(results))
+    expected = {"sweeps": 1, "trials": 2, "evals": 3 * 4 + 3 * 11, "gradients": 2 * 3 * 4,
+                "rewinding": 2 * 4 * 2 * 4, "retraining": 2 * 4 * 4}
+    for table, schema in SCHEMAS.items():
+        files = sorted(glob.glob(f"{results}/tables/{table}/sweep=t1/*.parquet"))
+        assert files, table
+        for f in files:  # pyarrow: every fragment holds exactly the declared schema
+            assert pq.read_schema(f).remove_metadata() == schema, (table, f)
+        got = store.con.sql(f"select * from {table}").arrow()
+        got = got.read_all() if hasattr(got, "read_all") else got
+        # DuckDB view over the store: the same columns and types (DuckDB spells UTC "Etc/UTC" and
+        # names a list's item field "l")
+        assert [(f.name, str(f.type).replace("Etc/UTC", "UTC").replace("list<l:", "list<item:"))
+                for f in got.schema] == \
+            [(f.name, str(f.type)) for f in schema]
+        if table in expected:
+            assert got.num_rows == expected[table], table
+    assert store.rows("select count(*) n from flips where method = 'greedy'")[0]["n"] > 0
+
+
+def test_query_cli_formats_and_errors(tiny_sweep, tmp_path):
+    results, _ = tiny_sweep
+    sql = "select mode, count(*) n from evals group by mode order by mode"
+    p = run_cli(sql, "--results-dir", str(results), module="analysis.query")
+    assert p.returncode == 0 and "own" in p.stdout and "plain" in p.stdout
+    p = run_cli(sql, "--results-dir", str(results), "--format", "csv", module="analysis.query")
+    assert p.stdout.splitlines() == ['"mode","n"', '"all",12', '"drop",12', '"own",9', '"plain",12']
+    p = run_cli(sql, "--results-dir", str(results), "--format", "json", "--out", str(tmp_path / "a.json"),
+                module="analysis.query")
+    assert [json.loads(line) for line in (tmp_path / "a.json").read_text().splitlines()][0] == {"mode": "all", "n": 12}
+    p = run_cli(sql, "--results-dir", str(results), "--format", "parquet", "--out", str(tmp_path / "a.parquet"),
+                module="analysis.query")
+    assert pq.read_table(tmp_path / "a.parquet").to_pylist()[-1] == {"mode": "plain", "n": 12}
+    p = run_cli("select nope from evals", "--results-dir", str(results), module="analysis.query")
+    assert p.returncode == 2 and "query failed" in p.stderr and "nope" in p.stderr
+    p = run_cli("select 1", "--results-dir", str(tmp_path / "missing"), module="analysis.query")
+    assert p.returncode == 1 and "does not exist" in p.stderr and "missing" in p.stderr
+
+
+def test_corrupt_fragment_is_named_or_skipped_when_asked(tiny_sweep, tmp_path):
+    results = copy_results(tiny_sweep, tmp_path)
+    victim = sorted(glob.glob(f"{results}/tables/evals/sweep=t1/*.parquet"))[0]
+    with open(victim, "r+b") as f:  # truncate the footer away
+        f.truncate(os.path.getsize(victim) // 2)
+    p = run_cli("select count(*) from evals", "--results-dir", str(results), module="analysis.query")
+    assert p.returncode == 1 and f"corrupt fragment {victim}" in p.stderr and "--skip-corrupt" in p.stderr
+    p = run_cli("select count(*) n from evals", "--results-dir", str(results), "--skip-corrupt", "--format", "csv",
+                module="analysis.query")
+    assert p.returncode == 0 and f"skipped corrupt fragment {victim}" in p.stderr
+    assert p.stdout.splitlines()[1] in ("12", str(3 * 11))  # only the other trial's rows
+    p = run_cli("--results-dir", str(results), "--out", str(tmp_path / "rep"), module="analysis.report")
+    assert p.returncode == 1 and f"corrupt fragment {victim}" in p.stderr
+    assert not (tmp_path / "rep" / "index.html").exists()
+    p = run_cli("--results-dir", str(results), "--out", str(tmp_path / "rep"), "--skip-corrupt",
+                module="analysis.report")
+    assert p.returncode == 0 and "skipped corrupt fragment" in (tmp_path / "rep" / "index.html").read_text()
+
+
+def test_report_has_figures_and_findings(tiny_sweep, tmp_path):
+    results, _ = tiny_sweep
+    out = tmp_path / "rep"
+    p = run_cli("--results-dir", str(results), "--sweep", "t1", "--out", str(out), module="analysis.report")
+    assert p.returncode == 0, p.stderr[-2000:]
+    page = (out / "index.html").read_text()
+    # plain trial: gradients, rewinding, retraining, flips; ETD trial: the mode x subset bars
+    assert page.count('src="data:image/png;base64,') == 5 and "<script" not in page
+    for finding in ("gradient norm is of the same order", "2. Rewinding one group", "3. Retraining one group",
+                    "4. Noisy examples flip after", "5. ETD: dropping memorization units"):
+        assert finding in page
+    assert page.count("<b>agree</b>") + page.count("<b>differ</b>") == 8 - page.count("<b>n/a</b>")
+    p = run_cli("--results-dir", str(results), "--sweep", "nope", "--out", str(out), module="analysis.report")
+    assert p.returncode == 2 and "--sweep='nope' is invalid" in p.stderr and "t1" in p.stderr
+
+
+def test_a_write_killed_midway_leaves_no_partial_fragment(tmp_path):
+    results = tmp_path / "r"
+    code = f"""
+from memray import tables
+rows = [{{"sweep": "w", "trial_key": "k", "epoch": i, "mode": "plain", "subset": "test", "accuracy": 0.5,
+         "loss": 1.0, "n": 10}} for i in range(3_000_000)]
+print("ready", flush=True)
+tables.write_fragment({str(results)!r}, "evals", "w", "k", rows)
+print("written", flush=True)
+"""
+    p = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    folder = results / "tables" / "evals" / "sweep=w"
+    t0 = time.time()
+    while not glob.glob(f"{folder}/.tmp-*") and time.time() - t0 < 60:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert glob.glob(f"{folder}/.tmp-*"), "the write never started"
+    assert not (folder / "k.parquet").exists()
+    store = open_store(str(results))
+    assert store.rows("select count(*) n from evals") == [{"n": 0}]
+
+
+def test_missing_results_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="no tables/ folder"):
+        open_store(str(tmp_path / "empty"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_on_loopback_serves_the_runs(tiny_sweep, tmp_path):
+    results, _ = tiny_sweep
+    port = _free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(PY), "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{results}/mlflow.db",
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path, body=None):
+        req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                exp = call("/experiments/get-by-name?experiment_name=t1")["experiment"]
+                break
+            except OSError:
+                assert time.time() - t0 < 90 and server.poll() is None, "mlflow server did not come up"
+                time.sleep(0.5)
+        runs = call("/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+        parents = [r["info"]["run_id"] for r, t in zip(runs, tags) if t.get("memray.role") == "sweep"]
+        children = [t for t in tags if t.get("memray.role") == "trial"]
+        assert len(parents) == 1 and len(children) == 2
+        assert all(t["mlflow.parentRunId"] == parents[0] for t in children)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_rerunning_a_sweep_keeps_row_counts_and_mlflow_runs(tiny_sweep, tmp_path):
+    results = copy_results(tiny_sweep, tmp_path)
+    tables = ("trials", "evals", "gradients", "rewinding", "retraining", "flips", "sweeps")
+    before = {t: q(results, t) for t in tables}
+    p = run_cli("--preset", "tiny", "--results-dir", str(results), "--name", "t1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {t: q(results, t) for t in tables} == before
+    code = f"""
+import json, mlflow
+mlflow.set_tracking_uri("sqlite:///{results}/mlflow.db")
+runs = mlflow.search_runs(experiment_names=["t1"], output_format="list")
+roles = sorted(r.data.tags.get("memray.role") for r in runs)
+c = mlflow.MlflowClient()
+child = next(r for r in runs if r.data.tags.get("memray.role") == "trial")
+key = next(k for k in child.data.metrics if k.endswith("test/accuracy") and not k.startswith("final"))
+print(json.dumps({{"roles": roles, "steps": sorted(m.step for m in c.get_metric_history(child.info.run_id, key))}}))
+"""
+    out = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    assert out == {"roles": ["sweep", "trial", "trial"], "steps": [1, 2, 3]}
