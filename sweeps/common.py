@@ -147,7 +147,7 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
     from ray import tune
 
     from trainables.callbacks import MlflowLogger, TrialsTable
-    from trainables.trial import resources, train_trial
+    from trainables.trial import exp_dict, resources, train_trial
 
     started = dt.datetime.now(dt.UTC)
     fs, base = tables.filesystem(args.results_dir)
@@ -205,23 +205,23 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
     mlflow_logger.drain()  # also after an interruption, when Tune may skip on_experiment_end
     sweep_row["finished_at"] = dt.datetime.now(dt.UTC)
     tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
-    status = trial_statuses(args.results_dir, args.name, grid)
-    print_summary(args, grid, status)
+    started = [r for r in grid if r.config]  # after an interruption, unstarted trials have no config
+    keys = ([c.trial_key for c in configs] if configs is not None else
+            [ExperimentConfig.from_dict(exp_dict(r.config)).trial_key for r in started])
+    status = trial_statuses(args.results_dir, args.name, keys)
+    print_summary(args, started, status)
     unfinished = [k for k, v in status.items() if v is None]
-    if unfinished or (configs is None and len(grid) < n_trials):
-        print(f"\nInterrupted: {len(unfinished)} trial(s) unfinished. Continue with the same command "
-              f"plus --resume.", file=sys.stderr)
+    if unfinished or len(status) < n_trials:
+        print(f"\nInterrupted: {n_trials - sum(v is not None for v in status.values())} of {n_trials} trial(s) "
+              f"unfinished. Continue with the same command plus --resume.", file=sys.stderr)
         return 130
     return 1 if any(v == "failed" for v in status.values()) else 0
 
 
-def trial_statuses(results: str, sweep: str, grid) -> dict[str, str | None]:
+def trial_statuses(results: str, sweep: str, keys: list[str]) -> dict[str, str | None]:
     """trial_key -> status in the `trials` table (None: no row yet, i.e. the trial never ended)."""
-    from trainables.trial import exp_dict
-
     out: dict[str, str | None] = {}
-    for r in grid:
-        key = ExperimentConfig.from_dict(exp_dict(r.config)).trial_key
+    for key in keys:
         out[key] = None
         if tables.exists(results, tables.fragment_rel("trials", sweep, key)):
             out[key] = tables.read_fragment(results, "trials", sweep, key)[0]["status"]

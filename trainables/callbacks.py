@@ -6,6 +6,7 @@ route to a tracking server). MLflow failures never fail a trial: they warn, and
 """
 from __future__ import annotations
 
+import os
 import queue
 import re
 import threading
@@ -50,13 +51,24 @@ class TrialsTable(tune.Callback):
         self._write(trial, "done" if done else "stopped", None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        err = None
-        try:
-            e = trial.get_error()
-            err = str(e).strip().splitlines()[-1] if e is not None else "error"
-        except Exception as exc:  # the error file may be gone on remote storage
-            err = f"error (details unavailable: {exc})"
-        self._write(trial, "failed", err)
+        self._write(trial, "failed", error_line(trial))
+
+
+def error_line(trial) -> str:
+    """The trial's error, its last line (e.g. 'RuntimeError: diverged at epoch 1: ...'). Tune writes
+    the error file to the trial's local folder first; the results store gets it later."""
+    text = None
+    try:
+        path = trial.error_file  # local copy: present when the error callback runs
+        if path and os.path.exists(path):
+            with open(path) as f:
+                text = f.read()
+        if not text:
+            text = trial.get_error()
+    except Exception as exc:  # noqa: BLE001 -- an unreadable error must not hide the failure
+        return f"error (details unavailable: {exc})"
+    lines = [ln.strip() for ln in str(text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "error (no details recorded)"
 
 
 class MlflowLogger(tune.Callback):
