@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from mlflow.tracking import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
 
 from . import tables
 from .config import ExperimentConfig

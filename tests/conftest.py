@@ -47,3 +47,20 @@ def tiny_sweep(tmp_path_factory):
     p = run_cli("--preset", "tiny", "--results-dir", str(results), "--name", "t1")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return results, p.stdout
+
+
+def latest_checkpoints(results, sweep) -> dict[str, int]:
+    """Per trial folder of a sweep's Tune storage: its newest checkpoint's index (older ones are
+    deleted as new ones arrive, so poll for 'at least', never for one index)."""
+    import glob
+
+    out = {}
+    for d in glob.glob(f"{results}/ray/{sweep}/train_trial_*"):
+        idx = [int(c.rsplit("_", 1)[1]) for c in glob.glob(f"{d}/checkpoint_*")]
+        out[d] = max(idx, default=-1)
+    return out
+
+
+def all_trials_checkpointed(results, sweep, n_trials, at_least) -> bool:
+    ck = latest_checkpoints(results, sweep)
+    return len(ck) == n_trials and min(ck.values()) >= at_least

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import PY, q
+from .conftest import PY, all_trials_checkpointed, q
 
 ROOT = Path(__file__).resolve().parents[1]
 # vCPUs and GPUs of the instance types cluster.yaml uses (AWS published figures)
@@ -76,7 +76,7 @@ def test_two_node_cluster_spreads_trials_and_survives_losing_a_node(tmp_path):
         proc = _start("--preset", "tiny", "--epochs", "80", "--widths", "512", "--analyses", "none",
                       "--address", cluster.address, "--results-dir", str(results), "--name", "two")
         t0 = time.time()
-        while len(glob.glob(f"{results}/ray/two/*/checkpoint_000003")) < 2:
+        while not all_trials_checkpointed(results, "two", 2, at_least=3):
             assert proc.poll() is None and time.time() - t0 < 180, proc.communicate()[1][-3000:]
             time.sleep(0.2)
         nodes = _node_ids_reported(results, "two")

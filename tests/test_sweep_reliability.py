@@ -5,10 +5,8 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
-import duckdb
 import pytest
 import torch
 
@@ -16,7 +14,9 @@ from memray.config import ExperimentConfig
 from memray.data import load_data
 from memray.train import Trainer
 
-PY = sys.executable
+from .conftest import PY, all_trials_checkpointed
+from .conftest import q as rows
+
 pytestmark = pytest.mark.slow
 
 
@@ -56,11 +56,6 @@ def finish(proc, timeout=400):
     return proc.returncode, out, err
 
 
-def rows(results, table, sql="select * from t"):
-    rel = duckdb.read_parquet(f"{results}/tables/{table}/*/*.parquet", hive_partitioning=True)
-    return duckdb.sql(sql.replace("from t", "from rel")).fetchall()
-
-
 def fragments(results, table):
     return sorted(glob.glob(f"{results}/tables/{table}/sweep=*/*"))
 
@@ -87,8 +82,8 @@ def test_sigkill_of_a_trial_worker_resumes_from_its_checkpoint(tmp_path):
     results = tmp_path / "r"
     proc = start("sweeps.dropout_grid", "--preset", "tiny", "--epochs", "40", "--widths", "256",
                  "--analyses", "none", "--results-dir", str(results), "--name", "k")
-    # kill a trainable's process once some trial has checkpointed (and before any trial ended)
-    wait_for(lambda: glob.glob(f"{results}/ray/k/*/checkpoint_000002"), proc, what="a checkpoint")
+    # kill a trainable's process once both trials have checkpointed (and before any trial ended)
+    wait_for(lambda: all_trials_checkpointed(results, "k", 2, at_least=2), proc, what="checkpoints")
     assert trials_done(results) == 0
     victims = processes("ray::ImplicitFunc")
     assert victims, "no trainable worker process found"
@@ -99,7 +94,7 @@ def test_sigkill_of_a_trial_worker_resumes_from_its_checkpoint(tmp_path):
                                 "from t order by attempts")
     assert [(s, a) for _, s, a, *_ in t] == [("done", 1), ("done", 2)]
     _, _, _, restored_from, epochs_done, config_json = t[1]
-    assert 2 <= restored_from < 40 and epochs_done == 40  # resumed from a checkpoint, not from scratch
+    assert 1 <= restored_from < 40 and epochs_done == 40  # resumed from a checkpoint, not from scratch
     # fragments exist once; every epoch evaluated exactly once per mode and subset
     assert len(fragments(results, "evals")) == 2 and not glob.glob(f"{results}/tables/*/*/.tmp-*")
     assert rows(results, "evals", "select count(*), count(distinct (trial_key, epoch, mode, subset)) from t") == \
