@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.request
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -196,3 +197,22 @@ print(json.dumps({{"roles": roles, "steps": sorted(m.step for m in c.get_metric_
 """
     out = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     assert out == {"roles": ["sweep", "trial", "trial"], "steps": [1, 2, 3]}
+
+
+def test_report_puts_several_sweeps_side_by_side(tiny_sweep, tmp_path):
+    """A second sweep (the tiny sweep's rows under another name) gets its own column and section."""
+    results = copy_results(tiny_sweep, tmp_path)
+    for f in glob.glob(f"{results}/tables/*/sweep=t1/*.parquet"):
+        t = pq.read_table(f)
+        t = t.set_column(t.schema.get_field_index("sweep"), "sweep", pa.array(["t2"] * t.num_rows, pa.string()))
+        dst = f.replace("sweep=t1", "sweep=t2")
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        pq.write_table(t, dst)
+    out = tmp_path / "rep"
+    p = run_cli("--results-dir", str(results), "--sweep", "t1", "--sweep", "t2", "--out", str(out),
+                module="analysis.report")
+    assert p.returncode == 0, p.stderr[-2000:]
+    page = (out / "index.html").read_text()
+    assert "<th>t1</th><th>t2</th>" in page and "<h2>Sweep t1</h2>" in page and "<h2>Sweep t2</h2>" in page
+    assert page.count('src="data:image/png;base64,') == 10
+    assert "2 sweep(s), 10 figures" in p.stdout
