@@ -22,7 +22,7 @@ import duckdb
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .store import StoreError, open_store
+from .store import open_for_cli
 
 FORMATS = ("table", "csv", "parquet", "json")
 
@@ -48,13 +48,9 @@ def main(argv=None) -> int:
     if args.format == "parquet" and not args.out:
         print("error: --format parquet needs --out FILE", file=sys.stderr)
         return 2
-    try:
-        store = open_store(args.results_dir, skip_corrupt=args.skip_corrupt)
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+    store = open_for_cli(args.results_dir, args.skip_corrupt)
+    if store is None:
         return 1
-    for path, reason in store.skipped:
-        print(f"warning: skipped corrupt fragment {path}: {reason}", file=sys.stderr)
     try:
         result = store.con.sql(args.sql)
         if result is None:

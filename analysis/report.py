@@ -28,7 +28,7 @@ from typing import Any
 from memray import findings, plots
 from memray.config import ExperimentConfig
 
-from .store import Store, StoreError, open_store
+from .store import Store, open_for_cli
 
 Entry = dict[str, Any]  # finding, cell, paper, measured, verdict, criterion
 
@@ -224,13 +224,9 @@ td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}} .agree{{background
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        store = open_store(args.results_dir, skip_corrupt=args.skip_corrupt)
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+    store = open_for_cli(args.results_dir, args.skip_corrupt)
+    if store is None:
         return 1
-    for path, reason in store.skipped:
-        print(f"warning: skipped corrupt fragment {path}: {reason}", file=sys.stderr)
     known = [r["sweep"] for r in store.rows("select distinct sweep from trials order by sweep")]
     sweeps = args.sweep or known
     unknown = [s for s in sweeps if s not in known]

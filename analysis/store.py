@@ -84,3 +84,18 @@ def open_store(results: str, skip_corrupt: bool = False, tables: tuple[str, ...]
                 else pa.Table.from_pylist([], schema=schema))
         store.con.register(table, data)
     return store
+
+
+def open_for_cli(results: str, skip_corrupt: bool) -> Store | None:
+    """open_store for a command line: errors and skipped fragments go to stderr; None on error
+    (the caller exits 1)."""
+    import sys
+
+    try:
+        store = open_store(results, skip_corrupt=skip_corrupt)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    for path, reason in store.skipped:
+        print(f"warning: skipped corrupt fragment {path}: {reason}", file=sys.stderr)
+    return store
