@@ -62,6 +62,17 @@ def main(argv=None) -> int:
     except duckdb.Error as e:
         print(f"error: query failed: {e}", file=sys.stderr)
         return 2
+    try:
+        write(args, result, table)
+    except OSError as e:
+        print(f"error: cannot write --out={args.out!r}: {e}", file=sys.stderr)
+        return 1
+    if args.out:
+        print(f"wrote {table.num_rows} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def write(args, result, table) -> None:
     if args.format == "table":
         result.show(max_rows=args.max_rows, max_width=200)
     elif args.format == "parquet":
@@ -80,9 +91,6 @@ def main(argv=None) -> int:
                 f.write(text + ("\n" if text else ""))
         else:
             print(text)
-    if args.out:
-        print(f"wrote {table.num_rows} rows to {args.out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

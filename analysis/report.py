@@ -230,8 +230,12 @@ def main(argv=None) -> int:
     known = [r["sweep"] for r in store.rows("select distinct sweep from trials order by sweep")]
     sweeps = args.sweep or known
     unknown = [s for s in sweeps if s not in known]
-    if unknown or not sweeps:
-        print(f"error: --sweep={unknown[0] if unknown else ''!r} is invalid: sweeps with trials under "
+    if not known:
+        print(f"error: no sweep under {args.results_dir} has finished a trial yet: nothing to report",
+              file=sys.stderr)
+        return 1
+    if unknown:
+        print(f"error: --sweep={unknown[0]!r} is invalid: sweeps with trials under "
               f"{args.results_dir}: {known}", file=sys.stderr)
         return 2
     page, entries, n_fig = build(store, sweeps)

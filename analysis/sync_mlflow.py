@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 -- the tracking store failed: say so, the tables are intact
+        print(f"error: MLflow at {uri} failed ({type(e).__name__}: {e}); the Parquet tables are unchanged",
+              file=sys.stderr)
+        return 1
     for sweep, n in done.items():
         print(f"synced sweep {sweep!r}: {n} trials -> {uri}")
     return 0

@@ -89,6 +89,11 @@ def check_resume(args, configs: list[ExperimentConfig] | None = None, spec: dict
                          if spec.get(k) != (stored.get("spec") or {}).get(k))
         raise UsageError(f"sweep {args.name!r} under {args.results_dir} was run with a different search "
                          f"(differs in: {', '.join(changed)}); use the same flags to resume, or a new --name")
+    uri = args.mlflow_uri or default_mlflow_uri(args.results_dir)
+    if args.resume and stored.get("mlflow_uri") not in (None, uri):
+        raise UsageError(f"--mlflow-uri={uri!r} is invalid with --resume: sweep {args.name!r} logs to "
+                         f"{stored['mlflow_uri']!r} (a resumed sweep keeps its tracking store; "
+                         f"`python -m analysis.sync_mlflow --mlflow-uri ...` copies it elsewhere)")
     return stored.get("run_id") if args.resume else None
 
 
@@ -158,7 +163,8 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
     n_trials = len(configs) if configs is not None else int(num_samples or 1)
     tables.write_bytes(args.results_dir, grid_file(args.results_dir, args.name), json.dumps(
         {"trial_keys": [c.trial_key for c in configs] if configs is not None else None, "spec": spec,
-         "preset": preset, "run_id": run_id}).encode())
+         "preset": preset, "run_id": run_id,
+         "mlflow_uri": args.mlflow_uri or default_mlflow_uri(args.results_dir)}).encode())
     sweep_row = {"sweep": args.name, "started_at": started, "finished_at": None, "command": " ".join(sys.argv),
                  "preset": preset, "n_trials": n_trials, "git_sha": git_sha(), "ray_address": args.address or "local"}
     tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
@@ -173,8 +179,8 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
     space = {**space, "sweep": args.name, "results_dir": args.results_dir, "data_dir": args.data_dir,
              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
              "analysis_workers": args.analysis_workers, "run_id": run_id, "objective": objective}
-    mlflow_logger = MlflowLogger(args.mlflow_uri or default_mlflow_uri(args.results_dir), args.name, args.results_dir)
-    callbacks = [TrialsTable(args.results_dir, args.name), mlflow_logger]
+    callbacks = [TrialsTable(args.results_dir, args.name),
+                 MlflowLogger(args.mlflow_uri or default_mlflow_uri(args.results_dir), args.name, args.results_dir)]
     columns = {"epoch": "ep", "own/train_noisy/accuracy": "own_noisy", "drop/train_noisy/accuracy": "drop_noisy",
                "drop/test/accuracy": "drop_test", "plain/train_noisy/accuracy": "plain_noisy",
                "plain/test/accuracy": "plain_test"}
@@ -202,14 +208,17 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
                                                        num_samples=num_samples or 1, metric=metric, mode=mode,
                                                        reuse_actors=True))
     grid = tuner.fit()
-    mlflow_logger.drain()  # also after an interruption, when Tune may skip on_experiment_end
+    # also after an interruption, when Tune may skip on_experiment_end; a restored Tuner runs its
+    # own (unpickled) logger, which drain_all reaches too
+    MlflowLogger.drain_all()
     sweep_row["finished_at"] = dt.datetime.now(dt.UTC)
     tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
     started = [r for r in grid if r.config]  # after an interruption, unstarted trials have no config
     keys = ([c.trial_key for c in configs] if configs is not None else
             [ExperimentConfig.from_dict(exp_dict(r.config)).trial_key for r in started])
-    status = trial_statuses(args.results_dir, args.name, keys)
-    print_summary(args, started, status)
+    rows = trial_rows(args.results_dir, args.name, keys, run_id)
+    status = {k: (r["status"] if r else None) for k, r in rows.items()}
+    print_summary(args, started, status, {k: r["error"] for k, r in rows.items() if r and r["error"]})
     unfinished = [k for k, v in status.items() if v is None]
     if unfinished or len(status) < n_trials:
         print(f"\nInterrupted: {n_trials - sum(v is not None for v in status.values())} of {n_trials} trial(s) "
@@ -218,22 +227,19 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
     return 1 if any(v == "failed" for v in status.values()) else 0
 
 
-def trial_statuses(results: str, sweep: str, keys: list[str]) -> dict[str, str | None]:
-    """trial_key -> status in the `trials` table (None: no row yet, i.e. the trial never ended)."""
-    out: dict[str, str | None] = {}
+def trial_rows(results: str, sweep: str, keys: list[str], run_id: str) -> dict[str, dict | None]:
+    """trial_key -> its `trials` row written by this sweep invocation (run_id), or None: the trial
+    never ended in it (a row left by an earlier run of the same name does not count)."""
+    out: dict[str, dict | None] = {}
     for key in keys:
         out[key] = None
         if tables.exists(results, tables.fragment_rel("trials", sweep, key)):
-            out[key] = tables.read_fragment(results, "trials", sweep, key)[0]["status"]
+            row = tables.read_fragment(results, "trials", sweep, key)[0]
+            out[key] = row if row.get("run_id") == run_id else None
     return out
 
 
-def _error_line(err) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[-1][:160] if lines else "error"
-
-
-def print_summary(args, grid, status: dict[str, str | None]) -> None:
+def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, str]) -> None:
     """Per trial: status, the config axes that vary, own/drop noisy accuracy, drop test accuracy,
     the plain twin's, flip medians (and the objective for a search); failures with their error."""
     from trainables.trial import exp_dict
@@ -262,8 +268,8 @@ def print_summary(args, grid, status: dict[str, str | None]) -> None:
               f"{f('drop/test/accuracy', 9)} {f('plain/train_noisy/accuracy', 11)} {f('plain/test/accuracy', 10)} "
               f"{f('flip/greedy/noisy/median_units', 10)} {f('flip/greedy/clean/median_units', 10)}"
               + (f" {f('objective', 9)}" if search else ""))
-        if st == "failed" or r.error is not None:
-            failures.append((c.trial_key, _error_line(r.error)))
+        if st == "failed":
+            failures.append((c.trial_key, errors.get(c.trial_key, "error (no details recorded)")))
     for key, err in failures:
         print(f"FAILED {key}: {err}")
     uri = args.mlflow_uri or default_mlflow_uri(args.results_dir)

@@ -11,6 +11,7 @@ import queue
 import re
 import threading
 import warnings
+from typing import ClassVar
 
 from ray import tune
 
@@ -42,8 +43,10 @@ class TrialsTable(tune.Callback):
         self.results, self.sweep = results, sweep
 
     def _write(self, trial, status: str, error: str | None) -> None:
-        row = trial_row(self.sweep, exp_dict(trial.config), status, trial.num_failures + (status != "failed"),
-                        trial.last_result or {}, error, trial.config.get("run_id"))
+        result = trial.last_result or {}
+        attempts = result.get("attempts") or trial.num_failures + (status != "failed")  # carried if reused
+        row = trial_row(self.sweep, exp_dict(trial.config), status, attempts, result, error,
+                        trial.config.get("run_id"))
         tables.write_fragment(self.results, "trials", self.sweep, row["trial_key"], [row])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -79,8 +82,12 @@ class MlflowLogger(tune.Callback):
     The thread is drained when the experiment ends. After the first failure it stops logging
     (one warning) and the sweep goes on."""
 
+    live: ClassVar[list["MlflowLogger"]] = []  # every logger in this process (a restored Tuner
+    # unpickles its own copy: `drain_all` reaches it too)
+
     def __init__(self, uri: str, sweep: str, results: str):
         self.uri, self.sweep, self.results = uri, sweep, results
+        MlflowLogger.live.append(self)
         self.view = None
         self.failed = False
         self.queue: queue.Queue = queue.Queue()
@@ -119,6 +126,11 @@ class MlflowLogger(tune.Callback):
     def on_experiment_end(self, trials, **info):
         self.drain()
 
+    @classmethod
+    def drain_all(cls):
+        for logger in list(cls.live):
+            logger.drain()
+
     def drain(self):
         if self.thread is not None and self.thread.is_alive():
             self.queue.put(None)
@@ -140,7 +152,10 @@ class MlflowLogger(tune.Callback):
                        if (_ACC.match(k) or k == "objective") and isinstance(v, float)}
             self.view.log_metrics(run_id, metrics, step=int(result["epoch"]))
         elif result.get("phase") == "done":
-            metrics = {f"final/{k}": v for k, v in result.items() if _ACC.match(k) and isinstance(v, float)}
+            last = {k: v for k, v in result.items() if (_ACC.match(k) or k == "objective") and isinstance(v, float)}
+            metrics = {f"final/{k}": v for k, v in last.items()}
+            if result.get("objective") is not None:  # a search trial's last epoch came only here
+                metrics.update(last)
             self.view.log_metrics(run_id, metrics, step=int(result["epoch"]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -100,9 +100,6 @@ class AnalysisWorker:
         self.data: tuple[str, Any] | None = None
         self.runner: AnalysisRunner | None = None
 
-    def ready(self) -> bool:
-        return True
-
     def setup(self, exp: dict, model_state: dict, snapshots: dict) -> None:
         cfg = ExperimentConfig.from_dict(exp)
         dkey = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True)
@@ -123,9 +120,8 @@ def _workers(n: int, cpus: float, gpus: float, data_dir: str | None) -> list:
         for a in _WORKERS.pop(k):
             ray.kill(a)
     if key not in _WORKERS:
-        opts = {"num_cpus": cpus / (n + 1)}
-        if gpus > 0:
-            opts["num_gpus"] = gpus / (n + 1)
+        share = _share(cpus, gpus, n + 1)  # the bundle each worker has in resources()
+        opts = {"num_cpus": share["CPU"], **({"num_gpus": share["GPU"]} if "GPU" in share else {})}
         _WORKERS[key] = [AnalysisWorker.options(**opts).remote(data_dir, _threads(cpus / n)) for _ in range(n)]
     return _WORKERS[key]
 
@@ -158,6 +154,7 @@ def _report_finished(results: str, sweep: str, key: str, row: dict) -> None:
              if tables.exists(results, tables.fragment_rel("flips", sweep, key)) else [])
     tune.report({"trial_key": key, "node_id": row["node_id"], "device": row["device"], "epoch": last,
                  "phase": "done", "wall_s": row["wall_s"], "restored_from": row.get("restored_from") or 0,
+                 "attempts": row["attempts"],
                  "already_done": True, **final, **flip_summary(flips)})
 
 
@@ -214,6 +211,10 @@ def train_trial(config: dict[str, Any]) -> None:
             metrics["objective"] = objective(objective_name, metrics)
             # an early-stopped trial ends without warning: its tables are current every epoch
             tables.write_fragment(results, "evals", sweep, key, [{**tag, **r} for r in tr.history])
+            if tr.epoch == exp.optim.epochs:
+                # The last epoch's metrics go out with the final report, after the analyses: a
+                # scheduler acting on them here could stop the trial before its analyses ran.
+                break
         state = tr.state_dict()
         state["wall_s"] = time.time() - t0
         with tempfile.TemporaryDirectory() as d:
