@@ -53,6 +53,12 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
 
 def check_runtime(args) -> None:
     tables.check_name("sweep", args.name)
+    # Trials run in Ray worker processes with their own working directories: local paths are made
+    # absolute here, or the trials would write their tables somewhere else.
+    if "://" not in args.results_dir:
+        args.results_dir = os.path.abspath(args.results_dir)
+    if args.data_dir is not None and "://" not in args.data_dir:
+        args.data_dir = os.path.abspath(args.data_dir)
     if args.max_failures < 0:
         raise UsageError(f"--max-failures={args.max_failures} is invalid: an integer >= 0")
     if args.cpus_per_trial <= 0:

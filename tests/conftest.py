@@ -28,9 +28,9 @@ def small_cfg(**changes):
 PY = sys.executable
 
 
-def run_cli(*args, module="sweeps.dropout_grid", timeout=600, env=None):
+def run_cli(*args, module="sweeps.dropout_grid", timeout=600, env=None, cwd=None):
     return subprocess.run([PY, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def q(results, table, sql="select count(*) from t"):
@@ -43,8 +43,10 @@ def q(results, table, sql="select count(*) from t"):
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory):
     """One real tiny sweep (2 trials through Ray Tune) shared by the tests that only read it."""
-    results = tmp_path_factory.mktemp("tiny") / "results"
-    p = run_cli("--preset", "tiny", "--results-dir", str(results), "--name", "t1")
+    home = tmp_path_factory.mktemp("tiny")
+    results = home / "results"
+    # a relative --results-dir, as the README's default: the trials' workers must write there too
+    p = run_cli("--preset", "tiny", "--results-dir", "results", "--name", "t1", cwd=home)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return results, p.stdout
 
