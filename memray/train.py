@@ -107,6 +107,12 @@ def eval_modes(cfg: ExperimentConfig) -> tuple[str, ...]:
     return ("own", "all", "drop") if cfg.dropout.kind == "example_tied" else ("plain",)
 
 
+def final_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """{'<mode>/<subset>/accuracy': value} of the last evaluated epoch among `evals` rows."""
+    last = max((r["epoch"] for r in rows), default=None)
+    return {f"{r['mode']}/{r['subset']}/accuracy": r["accuracy"] for r in rows if r["epoch"] == last}
+
+
 # ----------------------------------------------------------------------------- schedule
 def lr_factor(schedule: str, step: int, total: int, warmup_frac: float) -> float:
     t = step / max(1, total)
@@ -214,9 +220,7 @@ class Trainer:
 
     def final(self) -> dict[str, float]:
         """Last evaluation as {'<mode>/<subset>/accuracy': value}."""
-        last = max((r["epoch"] for r in self.history), default=None)
-        return {f"{r['mode']}/{r['subset']}/accuracy": r["accuracy"]
-                for r in self.history if r["epoch"] == last}
+        return final_metrics(self.history)
 
     # -- snapshots and resume ---------------------------------------------------------------
     def _maybe_snapshot(self) -> None:

@@ -38,7 +38,7 @@ from memray.data import load_data
 from memray.experiment import AnalysisRunner, analysis_items, skipped_analyses
 from memray.objectives import objective
 from memray.probes.flips import flip_summary
-from memray.train import Diverged, Trainer, load_state, save_state
+from memray.train import Diverged, Trainer, final_metrics, load_state, save_state
 
 
 def resources(cpus_per_trial: float, gpus_per_trial: float, analysis_workers: int) -> tune.PlacementGroupFactory:
@@ -149,7 +149,7 @@ def _report_finished(results: str, sweep: str, key: str, row: dict) -> None:
     """Report a finished trial's final metrics from its tables instead of running it again."""
     evals = tables.read_fragment(results, "evals", sweep, key)
     last = max((r["epoch"] for r in evals), default=0)
-    final = {f"{r['mode']}/{r['subset']}/accuracy": r["accuracy"] for r in evals if r["epoch"] == last}
+    final = final_metrics(evals)
     flips = (tables.read_fragment(results, "flips", sweep, key)
              if tables.exists(results, tables.fragment_rel("flips", sweep, key)) else [])
     tune.report({"trial_key": key, "node_id": row["node_id"], "device": row["device"], "epoch": last,
