@@ -9,7 +9,7 @@ Mask state: the keep bits of every memorization unit of every chosen site, for e
 packed 8 to a byte with the (always set) generalization bits: a uint8 tensor
 (N, ceil(sum_s C_s / 8)) on the training device, built once from a counter-based hash in int32
 (no RNG stream, so any chunking, device, process or resume gives the same bits). A batch's masks
-are one gather and one byte-to-bits table lookup on the device (see `example_masks`).
+are one gather, one byte-to-bits table lookup and one cast on the device (see `example_masks`).
 
 Evaluation modes (masks of shape [C], the same for every example):
   own   the example's own tied mask (training examples only): the model as trained.
@@ -58,16 +58,26 @@ def keep_bits(seed: int, site: int, ids: torch.Tensor, units: int, p: float) -> 
 
     One 32-bit hash h(seed, site, i, k) serves units 2k (low 16 bits) and 2k + 1 (high 16 bits),
     so the keep probability is round(p * 65536) / 65536 (within 8e-6 of p). Computed in int32 on
-    the ids' device: a handful of elementwise passes over (len(ids), units / 2)."""
+    the ids' device: a handful of elementwise passes over (len(ids), units / 2).
+
+    lowbias32's last step (x ^= x >>> 16) leaves the high half unchanged and xors it into the low
+    half, so it is folded into the two comparisons: high field = the top 16 bits of x read as
+    unsigned (x ^ 0x80000000 < (t << 16) - 2**31 in int32), low field = (x ^ (x >> 16)) & 0xFFFF
+    (an arithmetic shift only touches the bits the mask clears)."""
     dev = ids.device
     base = int(hash32(torch.tensor([(seed * 0x9E3779B1 + site * 0x85EBCA77) & _M32]))[0])
     h_ex = _hash32_((ids.long() & _M32).to(torch.int32) ^ _i32(base))  # (B,)
     pairs = (units + 1) // 2
     k = (torch.arange(pairs, dtype=torch.int64) * 0xC2B2AE3D & _M32).to(torch.int32).to(dev)
-    h = _hash32_(h_ex[:, None] ^ k[None, :])  # (B, pairs)
+    x = h_ex[:, None] ^ k[None, :]  # (B, pairs)
+    x ^= (x >> 16) & 0xFFFF
+    x *= _i32(0x7FEB352D)
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _i32(0x846CA68B)
     t = int(round(p * 2**16))
-    lo = (h & 0xFFFF) < t
-    hi = ((h >> 16) & 0xFFFF) < t
+    hi = (x ^ _i32(0x80000000)) < (t << 16) - (1 << 31)
+    x ^= x >> 16
+    lo = (x & 0xFFFF) < t
     return torch.stack([lo, hi], 2).view(ids.shape[0], 2 * pairs)[:, :units]
 
 
@@ -90,9 +100,12 @@ def unpack_bits(packed: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def _byte_table(device) -> torch.Tensor:
-    """(256, 8) float: row b holds the 8 bits of byte b (bit j in column j)."""
+    """(256,) int64: entry b holds byte b's 8 bits as 8 bytes of 0/1 (bit j in byte j, little-endian)."""
     b = torch.arange(256, dtype=torch.int64)
-    return ((b[:, None] >> torch.arange(8)) & 1).float().to(device)
+    t = torch.zeros(256, dtype=torch.int64)
+    for j in range(8):
+        t |= ((b >> j) & 1) << (8 * j)
+    return t.to(device)
 
 
 def resolve_sites(cfg: DropoutConfig, n_sites: int) -> list[int]:
@@ -154,11 +167,13 @@ class ExampleTiedDropout:
     def example_masks(self, ids: torch.Tensor) -> list[torch.Tensor | None]:
         """Masks (B, C) per site (None for sites without ETD) for training examples `ids`.
 
-        Two device ops per batch: gather the examples' packed rows, expand each byte to 8 floats
-        through a 256-row table. Site masks are column slices (views) of that one tensor."""
+        Three device ops per batch: gather the examples' packed rows, look each byte up in a
+        256-entry int64 table whose 8 bytes are its bits (0/1), convert those bytes to float. Site
+        masks are column slices (views) of that one tensor."""
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 1:
             raise ValueError("example-tied dropout needs a 1-D tensor of integer example ids")
-        bits = F.embedding(self.packed[ids].long(), self._table).view(ids.shape[0], -1)
+        rows = self.packed.index_select(0, ids).view(-1).int()
+        bits = self._table.index_select(0, rows).view(torch.uint8).view(ids.shape[0], -1).float()
         out: list[torch.Tensor | None] = [None] * len(self.site_units)
         for s, (a, b) in self._slices.items():
             out[s] = bits[:, a:b]
