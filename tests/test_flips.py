@@ -63,6 +63,30 @@ def test_batched_equals_one_at_a_time_and_units_really_flip(trained, arch):
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_batched_search_shares_reference_blocks_exactly(trained):
+    """A reference block (|R| rows) is computed once per step per distinct zeroed set among the
+    targets that take that step; one target at a time computes one per step."""
+    model, data = trained["mlp"]
+    targets, ref = select_targets(model, data, 8, 8, 24, seed=2)
+    R = len(ref)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        batched, single = FlipSearch(model, data, ref), FlipSearch(model, data, ref)
+        res = batched.greedy(targets, 16, targets_per_batch=16)
+        assert single.greedy(targets, 16, targets_per_batch=1) == res
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    units = [u for u, _ in res]
+    shared = sum(len({frozenset(u[:k]) for u in units if len(u) > k}) for k in range(16))
+    assert batched.rows_computed["reference"] == R * shared
+    alone = sum(len(u) + 1 if f else len(u) for u, f in res)
+    assert single.rows_computed["reference"] == R * alone
+    assert shared < sum(len(u) for u in units) < alone  # the first step alone is shared by all 16
+
+
 def test_random_baseline_flips_at_its_reported_prefix(trained):
     model, data = trained["mlp"]
     targets, ref = select_targets(model, data, 3, 3, 16, seed=1)

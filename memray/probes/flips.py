@@ -11,19 +11,23 @@ units are zeroed:
 `method="random"` zeroes units in a seeded random order instead, until the prediction flips (its
 budget is every included unit).
 
-Batched form: T targets advance together, each with its own mask per site ([T, C] leaf tensors);
-target t's rows are x_t followed by R, and its mask rows are broadcast over them, so one forward
-and one backward serve all T (the model runs in eval mode, so rows do not interact). Flipped
-targets leave the batch; targets are processed in chunks of `targets_per_batch`, shrunk so a
-chunk has at most `max_rows` rows (memory bound). `targets_per_batch=1` is the one-at-a-time
-form. Parameters are frozen during the search, so backward computes only activation gradients.
+Batched form: T targets advance together, one unit per step each, and share what is exactly
+the same for several of them. dJ/dm splits into the target's own row, -dloss(x, y)/dm, and the
+reference term d mean_R loss/dm, which depends on the mask alone; at step k every active target's
+mask is "all units but the k it zeroed", so targets that zeroed the same set of units share one
+reference block (|R| rows) per step (every target shares the first step's). One forward and one
+activation-gradient backward serve the target rows (one per target) and all blocks, a pass holding
+at most `max_rows` rows (memory bound: blocks beyond it go to further passes). Batched,
+their predictions are checked first (a row each, no backward), so a target that has flipped costs
+no block; flipped targets leave the batch. Targets are processed in chunks of `targets_per_batch`;
+`targets_per_batch=1` is the one-at-a-time form (one pass of 1 + |R| rows per step, no sharing,
+no separate check: the backward is skipped when the prediction has flipped).
+Parameters are frozen during the search, so backward computes only activation gradients.
+`rows_computed` counts the target and reference rows that went through passes.
 
-Cost: every step of every target is one forward and one activation-gradient backward over
-1 + |R| rows, whatever the batching; batching shares kernel launches and lets flipped targets
-drop out, but on a CPU the one-at-a-time form (|R| ~ 128 rows) already runs dense matrix
-products near the cores' peak, so the gain there is small; `max_rows` (default 2048 rows per
-chunk) keeps a chunk's activations near the cache size. On a GPU the batched form fills the device
-where one target at a time cannot (see benchmarks/flip_throughput.py).
+The split changes the order of float additions, not the arithmetic: batched and one-at-a-time
+runs give the same unit sequences in float64 (tested; benchmarks/flip_throughput.py reports
+whether float32 runs agree too). Ties go to the lowest flat index, site-major.
 
 Models trained with example-tied dropout are edited in mode `all` (memorization units scaled by
 p_mem for every example): the zeroing mask multiplies that mode's fixed mask. Targets are drawn
@@ -137,6 +141,7 @@ class FlipSearch:
                       else torch.ones(model.site_units[s], device=self.device)).to(dtype) for s in range(n_sites)]
         self.samples = {k: v.to(self.device) for k, v in _fixed_samples(data, eval_samples, seed).items()}
         self.seed = seed
+        self.rows_computed = {"target": 0, "reference": 0}  # rows through forward + backward (greedy)
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         n = self.data.n_train
@@ -168,57 +173,125 @@ class FlipSearch:
     # -- greedy -----------------------------------------------------------------------------
     def greedy(self, targets: torch.Tensor, budget: int, targets_per_batch: int = 64) -> list:
         """Per target: (units zeroed in order as (site, unit), flipped within budget)."""
-        R = self.ref.numel()
-        chunk = max(1, min(targets_per_batch, self.max_rows // (R + 1)))
         out: list = [None] * len(targets)
-        for start in range(0, len(targets), chunk):
-            idx = list(range(start, min(start + chunk, len(targets))))
-            for j, res in zip(idx, self._greedy_chunk(targets[idx], budget)):
+        for start in range(0, len(targets), targets_per_batch):
+            idx = list(range(start, min(start + targets_per_batch, len(targets))))
+            for j, res in zip(idx, self._greedy_chunk(targets[idx], budget, check_first=targets_per_batch > 1)):
                 out[j] = res
         return out
 
-    def _greedy_chunk(self, targets: torch.Tensor, budget: int):
+    def _pass(self, xt: torch.Tensor, yt: torch.Tensor, keep_t: torch.Tensor, keep_r: torch.Tensor,
+              need_grads=lambda logits_t: True):
+        """One forward + activation-gradient backward over target rows (one per row of keep_t,
+        examples xt) and reference blocks (|R| rows per row of keep_r). Returns the target rows'
+        logits, d loss(target row)/d its leaf (a, total) and d mean_R loss/d the block's leaf
+        (n, total); the gradients are None when `need_grads(target logits)` says the backward is
+        not needed (every target flipped)."""
+        R = self.ref.numel()
+        a, n = keep_t.shape[0], keep_r.shape[0]
+        xr, yr = self.data.x_train[self.ref], self.data.y_train[self.ref]
+        x = torch.cat([xt, xr[None].expand(n, *xr.shape).reshape(n * R, *xr.shape[1:])])
+        y = torch.cat([yt, yr.repeat(n)])
+        by_site = {s: i for i, s in enumerate(self.sites)}
+        leaves_t, leaves_r, masks = [], [], []
+        for s in range(len(self.base)):
+            if s in by_site:
+                lo, hi = self.offsets[by_site[s]], self.offsets[by_site[s] + 1]
+                lt = (keep_t[:, lo:hi] * self.base[s]).requires_grad_(True)
+                lr = (keep_r[:, lo:hi] * self.base[s]).requires_grad_(True)
+                leaves_t.append(lt)
+                leaves_r.append(lr)
+                masks.append(torch.cat([lt, lr[:, None, :].expand(n, R, hi - lo).reshape(n * R, hi - lo)]))
+            else:
+                masks.append(self.base[s].expand(a + n * R, -1))
+        self.rows_computed["target"] += a
+        self.rows_computed["reference"] += n * R
+        with torch.enable_grad():
+            logits = self._forward(x, masks)
+            if not need_grads(logits[:a].detach()):
+                return logits[:a].detach(), None, None
+            losses = F.cross_entropy(logits, y, reduction="none")
+            loss = losses[:a].sum() + losses[a:].view(n, R).mean(1).sum()
+            grads = torch.autograd.grad(loss, leaves_t + leaves_r, allow_unused=True)
+        k = len(leaves_t)
+        fill = (lambda g, leaf: g if g is not None else torch.zeros_like(leaf))
+        g_t = torch.cat([fill(g, lf) for g, lf in zip(grads[:k], leaves_t)], 1)
+        g_r = torch.cat([fill(g, lf) for g, lf in zip(grads[k:], leaves_r)], 1)
+        return logits[:a].detach(), g_t, g_r
+
+    def _greedy_chunk(self, targets: torch.Tensor, budget: int, check_first: bool = True):
+        """Greedy search for a chunk of targets advancing together, one unit per step each.
+
+        dJ/dmask = -dloss(target)/dmask + d mean_R loss/dmask. The first term is one row per
+        target. The second depends on the mask only, and at step k every active target's mask is
+        "all units but k zeroed ones", so targets that zeroed the same set share it: it is computed
+        once per distinct set, in blocks of |R| rows (up to `max_rows` rows a pass), in the same
+        forward/backward as the target rows. Targets whose budget is spent need no block."""
         dev, R = self.device, self.ref.numel()
         T = targets.numel()
         keep = torch.ones(T, self.total, dtype=self.dtype, device=dev)
+        base = torch.cat([self.base[s] for s in self.sites])  # (total,)
         zeroed: list[list[int]] = [[] for _ in range(T)]
         flipped = [False] * T
-        active = torch.arange(T, device=dev)
-        xr = self.data.x_train[self.ref]
-        yr = self.data.y_train[self.ref]
-        while active.numel():
-            a = active.numel()
-            tid = targets.to(dev)[active]
-            x = torch.cat([self.data.x_train[tid][:, None], xr[None].expand(a, *xr.shape)], 1)
-            x = x.reshape(a * (R + 1), *xr.shape[1:])
-            y = torch.cat([self.data.y_train[tid][:, None], yr[None].expand(a, R)], 1)  # (a, R+1)
-            masks, leaves = self._site_masks(keep[active], R + 1)
-            with torch.enable_grad():
-                logits = self._forward(x, masks).view(a, R + 1, -1)
-                pred_ok = logits[:, 0].argmax(1) == y[:, 0]
-                done = ~pred_ok
-                exhausted = torch.tensor([len(zeroed[int(t)]) >= budget for t in active.tolist()], device=dev)
-                if (done | exhausted).all():
-                    for k, t in enumerate(active.tolist()):
-                        flipped[t] = bool(done[k])
+        active = list(range(T))
+        tg = targets.to(dev)
+        xt, yt = self.data.x_train[tg], self.data.y_train[tg]
+        per_pass = max(1, self.max_rows // max(1, R))
+        while active:
+            if check_first:
+                # batched: check the predictions first (one row per target, no backward), so no
+                # reference block is computed for a target that has just flipped
+                a = torch.tensor(active, dtype=torch.long, device=dev)
+                masks, _ = self._site_masks(keep[a], 1)
+                with torch.no_grad():
+                    flip_now = (self._forward(xt[a], [m.detach() for m in masks]).argmax(1) != yt[a]).tolist()
+                for t, f in zip(active, flip_now):
+                    flipped[t] = f
+                active = [t for t, f in zip(active, flip_now) if not f and len(zeroed[t]) < budget]
+                if not active:
                     break
-                losses = F.cross_entropy(logits.reshape(a * (R + 1), -1), y.reshape(-1), reduction="none").view(a, R + 1)
-                J = -losses[:, 0] + losses[:, 1:].mean(1)  # (a,)
-                grads = torch.autograd.grad(J.sum(), leaves)
-            delta = torch.cat([-(leaf.detach() * g) for leaf, g in zip(leaves, grads)], 1)  # (a, total)
-            delta = delta.masked_fill(keep[active] == 0, math.inf)
+            a = torch.tensor(active, dtype=torch.long, device=dev)
+            # one block per distinct zeroed set among targets that may take another step
+            first: dict[frozenset, int] = {}
+            key_of: dict[int, frozenset] = {}
+            for k, t in enumerate(active):
+                if len(zeroed[t]) < budget:
+                    key_of[k] = frozenset(zeroed[t])
+                    first.setdefault(key_of[k], k)
+            keys = list(first)
+            slot = {key: i for i, key in enumerate(keys)}
+            rep = a[[first[key] for key in keys]]
+            g_ref = torch.empty(len(keys), self.total, dtype=self.dtype, device=dev)
+            n0 = min(len(keys), per_pass)
+            state = {}
+
+            def need(logits_t, a=a, state=state):
+                state["done"] = (logits_t.argmax(1) != yt[a]).tolist()
+                return any(not state["done"][k] for k in key_of)
+
+            logits, g_target, g0 = self._pass(xt[a], yt[a], keep[a], keep[rep[:n0]], need)
+            done = state["done"]
+            still = [k for k in key_of if not done[k]]
+            for k, t in enumerate(active):
+                flipped[t] = bool(done[k])
+            if not still:
+                break
+            g_ref[:n0] = g0
+            for i in range(n0, len(keys), per_pass):  # more blocks than one pass holds
+                n = min(per_pass, len(keys) - i)
+                _, _, g_ref[i:i + n] = self._pass(xt[:0], yt[:0], keep[:0], keep[rep[i:i + n]])
+            sel = torch.tensor(still, dtype=torch.long, device=dev)
+            ref_rows = torch.tensor([slot[key_of[k]] for k in still], dtype=torch.long, device=dev)
+            kp = keep[a[sel]]
+            delta = (-(kp * base) * (g_ref[ref_rows] - g_target[sel])).masked_fill(kp == 0, math.inf)
             choice = delta.argmin(1).tolist()  # first minimum: lowest flat index on ties
-            still = []
-            for k, t in enumerate(active.tolist()):
-                if bool(done[k]):
-                    flipped[t] = True
-                elif bool(exhausted[k]):
-                    flipped[t] = False
-                else:
-                    zeroed[t].append(choice[k])
-                    keep[t, choice[k]] = 0
-                    still.append(t)
-            active = torch.tensor(still, dtype=torch.long, device=dev)
+            nxt = []
+            for k, c in zip(still, choice):
+                t = active[k]
+                zeroed[t].append(c)
+                keep[t, c] = 0
+                nxt.append(t)
+            active = nxt
         return [(self._as_units(z), f) for z, f in zip(zeroed, flipped)]
 
     def _as_units(self, flat: list[int]) -> list[tuple[int, int]]:
