@@ -5,6 +5,7 @@ Also times the full rewinding table on its own (every layer group x every snapsh
 inference). Figures go to --figures DIR when given. Not a timing benchmark otherwise.
 
     python scripts/layer_findings.py --dataset digits --arch resnet9 --figures figures
+    python scripts/layer_findings.py --arch mlp --flip-targets 32 --flip-budget 64 --eval-samples 512
 """
 from __future__ import annotations
 
@@ -36,14 +37,18 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet9")
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--figures", default=None)
+    ap.add_argument("--flip-targets", type=int, default=16, help="noisy and clean targets (each)")
+    ap.add_argument("--flip-reference", type=int, default=64)
+    ap.add_argument("--flip-budget", type=int, default=32)
+    ap.add_argument("--eval-samples", type=int, default=256)
     args = ap.parse_args()
     epochs = PRESETS["default"]["epochs_by_arch"].get(args.arch, 60)
     snaps = sorted({0, 2, 5, 10, epochs} if epochs > 10 else {0, 2, 5, epochs})
     cfg = ExperimentConfig().replace(**{
         "data.dataset": args.dataset, "data.noise_rate": args.noise, "model.arch": args.arch,
         "optim.epochs": epochs, "analyses.snapshot_epochs": snaps, "analyses.retrain_max_epochs": 4,
-        "analyses.flip_targets": 16, "analyses.flip_reference": 64, "analyses.flip_budget": 32,
-        "analyses.eval_samples": 256})
+        "analyses.flip_targets": args.flip_targets, "analyses.flip_reference": args.flip_reference,
+        "analyses.flip_budget": args.flip_budget, "analyses.eval_samples": args.eval_samples})
     device = pick_device()
     data = load_data(cfg.data)
     t = time.perf_counter()
@@ -61,7 +66,8 @@ def main() -> None:
             table, rows = runner.run(item)
             tables[table] += rows
     _, ref = runner.flip_targets()
-    test_before = FlipSearch(runner.model, runner.data, ref, eval_samples=256).post_edit([[]])[0]["test"]
+    test_before = FlipSearch(runner.model, runner.data, ref,
+                             eval_samples=args.eval_samples).post_edit([[]])[0]["test"]
     noisy_key = "plain/train_noisy/accuracy" if cfg.dropout.kind != "example_tied" else "own/train_noisy/accuracy"
     out = {
         "case": f"{args.dataset}/{args.arch}", "epochs": epochs, "final": final, "train_s": round(train_s, 1),
