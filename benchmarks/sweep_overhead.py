@@ -3,9 +3,12 @@
 For each grid: (1) every config run one after another in this process with `memray.run_trial`
 (training and all analyses, torch using every core), then (2) the same grid through
 `python -m sweeps.dropout_grid` (Ray start-up, trials in parallel, per-epoch checkpoints, analysis
-actors, tables, MLflow: everything a user waits for), wall time of the whole command. Headline
-`tune_over_sequential` = Tune wall time / sequential wall time for the default grid (goal <= 0.8
-on 2 cores: parallel trials and actors must pay for Ray).
+actors, tables, MLflow: everything a user waits for), wall time of the whole command, and (3) the
+parallel floor without Ray: the same `run_trial` calls in one single-threaded worker process per
+core (started before the clock), longest first, as a 2-slot scheduler with no overhead at all
+would run them. Headline `tune_over_sequential` = Tune wall time / sequential wall time for the
+default grid (goal <= 0.8 on 2 cores: parallel trials and actors must pay for Ray);
+`floor_over_sequential` says how far parallelism alone can go on this machine.
 
     python benchmarks/sweep_overhead.py                 # smoke and default (about 10 minutes on 2 cores)
     BENCH_GRIDS=smoke python benchmarks/sweep_overhead.py
@@ -13,16 +16,19 @@ on 2 cores: parallel trials and actors must pay for Ray).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 from memray.experiment import run_trial
 from memray.train import describe_device
+from sweeps.common import longest_first
 from sweeps.dropout_grid import build_configs, parser
 
 GRIDS = [g for g in os.environ.get("BENCH_GRIDS", "smoke,default").split(",") if g]
@@ -37,6 +43,31 @@ def sequential(preset: str) -> dict:
         run_trial(c, device="cpu")
         per.append(round(time.perf_counter() - t, 2))
     return {"trials": len(configs), "wall_s": round(time.perf_counter() - t0, 2), "per_trial_s": per}
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run(c) -> float:
+    t = time.perf_counter()
+    run_trial(c, device="cpu")
+    return round(time.perf_counter() - t, 2)
+
+
+def _warm(_: int) -> int:
+    return os.getpid()
+
+
+def parallel_floor(preset: str) -> dict:
+    configs = longest_first(build_configs(parser().parse_args(["--preset", preset])))
+    n = os.cpu_count() or 1
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as ex:
+        list(ex.map(_warm, range(4 * n)))  # workers up, torch imported
+        t0 = time.perf_counter()
+        per = list(ex.map(_run, configs, chunksize=1))
+        wall = time.perf_counter() - t0
+    return {"workers": n, "wall_s": round(wall, 2), "per_trial_s": per}
 
 
 def through_tune(preset: str) -> dict:
@@ -57,11 +88,15 @@ def main() -> None:
     for g in GRIDS:
         seq = sequential(g)
         tune = through_tune(g)
-        out["grids"][g] = {"sequential": seq, "tune": tune,
-                           "tune_over_sequential": round(tune["wall_s"] / seq["wall_s"], 3)}
+        floor = parallel_floor(g)
+        out["grids"][g] = {"sequential": seq, "tune": tune, "parallel_floor": floor,
+                           "tune_over_sequential": round(tune["wall_s"] / seq["wall_s"], 3),
+                           "floor_over_sequential": round(floor["wall_s"] / seq["wall_s"], 3),
+                           "tune_over_floor": round(tune["wall_s"] / floor["wall_s"], 3)}
         print(json.dumps({g: out["grids"][g]}), flush=True)
     key = "default" if "default" in out["grids"] else GRIDS[-1]
-    out["headline"] = {"tune_over_sequential": out["grids"][key]["tune_over_sequential"], "grid": key}
+    out["headline"] = {"tune_over_sequential": out["grids"][key]["tune_over_sequential"],
+                       "floor_over_sequential": out["grids"][key]["floor_over_sequential"], "grid": key}
     print(json.dumps(out))
 
 
