@@ -15,7 +15,7 @@ from .conftest import small_cfg
 def trained(digits):
     """(model, data) per arch: small models that memorize some noisy digits."""
     out = {}
-    for arch, width, epochs in (("mlp", 128, 30), ("lenet", 8, 20)):
+    for arch, width, epochs in (("mlp", 128, 30), ("lenet", 8, 20), ("resnet9", 8, 6), ("vit_small", 16, 6)):
         tr = Trainer(small_cfg(**{"model.arch": arch, "model.width": width, "optim.epochs": epochs}), digits, "cpu")
         tr.fit()
         out[arch] = (tr.model, tr.data)
@@ -35,7 +35,7 @@ def _apply(model, data, target, units):
         model.to(torch.float32)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "lenet"])
+@pytest.mark.parametrize("arch", ["mlp", "lenet", "resnet9", "vit_small"])
 def test_batched_equals_one_at_a_time_and_units_really_flip(trained, arch):
     model, data = trained[arch]
     targets, ref = select_targets(model, data, 6, 6, 24, seed=0)
