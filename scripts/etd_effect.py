@@ -1,7 +1,7 @@
 """The example-tied dropout effect per (dataset, arch): an ETD model and its plain twin.
 
 Trains both with the `default` preset's recipe (same width, optimiser, epochs, seed; only the
-dropout kind differs), 10% label noise, and prints one JSON object: per case the twin's and the
+dropout kind differs; ETD with the preset's p_gen for the arch and p_mem 0.1), 10% label noise, and prints one JSON object: per case the twin's and the
 ETD model's final accuracies per mode and subset, and each acceptance threshold of the ETD issue
 (own noisy >= .95; drop noisy <= .05; drop clean >= .95; drop test >= twin test - .01; twin
 memorizes: noisy >= .95, test >= .85) as measured. Not a timing benchmark.
@@ -22,10 +22,12 @@ from sweeps.presets import PRESETS
 
 def case(dataset: str, arch: str, noise: float, device) -> dict:
     epochs = PRESETS["default"]["epochs_by_arch"][arch]
+    p_gen = PRESETS["default"]["p_gen_by_arch"][arch][0]
     base = ExperimentConfig().replace(**{"data.dataset": dataset, "data.noise_rate": noise, "model.arch": arch,
-                                         "optim.epochs": epochs, "analyses.run": []})
+                                         "optim.epochs": epochs, "analyses.run": [], "dropout.p_gen": p_gen,
+                                         "dropout.p_mem": 0.1})
     data = load_data(DataConfig(dataset=dataset, noise_rate=noise))
-    out = {"epochs": epochs, "width": base.model.resolved_width}
+    out = {"epochs": epochs, "width": base.model.resolved_width, "p_gen": p_gen, "p_mem": 0.1}
     for kind in ("none", "example_tied"):
         t = time.perf_counter()
         tr = Trainer(base.replace(**{"dropout.kind": kind}), data, device)

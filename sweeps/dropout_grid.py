@@ -79,7 +79,8 @@ def build_configs(args) -> list[ExperimentConfig]:
         for kind in axes["dropout"]:
             if kind == "none":
                 continue
-            cells += [(kind, pg, pm) for pg in axes["p_gen"] for pm in axes["p_mem"]]
+            p_gens = axes["p_gen"] if args.p_gen else pr.get("p_gen_by_arch", {}).get(arch, axes["p_gen"])
+            cells += [(kind, pg, pm) for pg in p_gens for pm in axes["p_mem"]]
         for kind, pg, pm in cells:
             d = copy.deepcopy(base)
             d.setdefault("data", {}).update({"dataset": ds, "noise_rate": noise})

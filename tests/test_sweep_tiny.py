@@ -82,3 +82,17 @@ def test_paper_preset_dry_run():
     # 3 datasets x 3 archs x 3 noise x 3 seeds x (1 twin + 2 kinds x 3 p_gen x 3 p_mem)
     assert first.startswith(f"{3 * 3 * 3 * 3 * (1 + 2 * 9)} trials for sweep 'dropout_grid-paper'")
     assert '"dataset":"cifar10"' in p.stdout and '"epochs":100' in p.stdout
+
+
+def test_default_preset_p_gen_per_arch_unless_given():
+    from sweeps.dropout_grid import build_configs, parser
+
+    def cells(*argv):
+        return sorted({(c.model.arch, c.dropout.p_gen, c.dropout.p_mem)
+                       for c in build_configs(parser().parse_args(["--preset", "default", *argv]))
+                       if c.dropout.kind == "example_tied"})
+
+    assert cells() == [("mlp", 0.2, 0.1), ("mlp", 0.2, 0.2), ("resnet9", 0.5, 0.1), ("resnet9", 0.5, 0.2)]
+    assert cells("--p-gen", "0.3") == [("mlp", 0.3, 0.1), ("mlp", 0.3, 0.2), ("resnet9", 0.3, 0.1),
+                                       ("resnet9", 0.3, 0.2)]
+    assert len(build_configs(parser().parse_args(["--preset", "default"]))) == 12
