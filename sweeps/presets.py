@@ -31,7 +31,8 @@ PRESETS: dict[str, dict] = {
         "epochs_by_arch": {"mlp": 60, "resnet9": 30},
         # resnet9 at its default width 16 has 16-128 channels per site: p_gen 0.2 leaves 3 generalization
         # channels at the first site and `drop` loses clean accuracy (test 0.85 digits, 0.35 mnist1d at
-        # p_mem 0.1); p_gen 0.5 keeps 8 and the paper's pattern shows (see README, "Default preset").
+        # p_mem 0.1); p_gen 0.5 keeps 8, and drop mode forgets the noisy labels while clean and test
+        # accuracy stay near the twin's (figures in the README, under Quickstart).
         "p_gen_by_arch": {"mlp": [0.2], "resnet9": [0.5]},
         "analyses": ["gradients", "rewind", "retrain", "flip"],
         "base": {"analyses": {"snapshot_epochs": [0, 2, 5, 15, 60], "retrain_max_epochs": 4, "flip_targets": 16,
