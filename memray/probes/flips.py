@@ -135,6 +135,8 @@ class FlipSearch:
         ref = torch.as_tensor(reference_ids, dtype=torch.long)
         self._check_ids(ref, "reference_ids")
         self.ref = ref.to(self.device)
+        self.xr, self.yr = data.x_train[self.ref], data.y_train[self.ref]  # the reference batch
+        self.pos = {s: i for i, s in enumerate(self.sites)}  # site -> its index among included sites
         self.max_rows = max_rows
         base = base_masks(model, etd)
         self.base = [(base[s] if base is not None and base[s] is not None
@@ -155,10 +157,9 @@ class FlipSearch:
         repeated per target) and the leaf [T, C] tensors gradients are taken against."""
         T = keep.shape[0]
         leaves, masks = [], []
-        by_site = {s: i for i, s in enumerate(self.sites)}
         for s in range(len(self.base)):
-            if s in by_site:
-                i = by_site[s]
+            if s in self.pos:
+                i = self.pos[s]
                 leaf = (keep[:, self.offsets[i]:self.offsets[i + 1]] * self.base[s]).detach().requires_grad_(True)
                 leaves.append(leaf)
                 m = leaf[:, None, :].expand(T, rows_per_target, leaf.shape[1]).reshape(T * rows_per_target, -1)
@@ -189,14 +190,13 @@ class FlipSearch:
         not needed (every target flipped)."""
         R = self.ref.numel()
         a, n = keep_t.shape[0], keep_r.shape[0]
-        xr, yr = self.data.x_train[self.ref], self.data.y_train[self.ref]
+        xr, yr = self.xr, self.yr
         x = torch.cat([xt, xr[None].expand(n, *xr.shape).reshape(n * R, *xr.shape[1:])])
         y = torch.cat([yt, yr.repeat(n)])
-        by_site = {s: i for i, s in enumerate(self.sites)}
         leaves_t, leaves_r, masks = [], [], []
         for s in range(len(self.base)):
-            if s in by_site:
-                lo, hi = self.offsets[by_site[s]], self.offsets[by_site[s] + 1]
+            if s in self.pos:
+                lo, hi = self.offsets[self.pos[s]], self.offsets[self.pos[s] + 1]
                 lt = (keep_t[:, lo:hi] * self.base[s]).requires_grad_(True)
                 lr = (keep_r[:, lo:hi] * self.base[s]).requires_grad_(True)
                 leaves_t.append(lt)
@@ -335,11 +335,10 @@ class FlipSearch:
         out: list[dict[str, float]] = [{} for _ in units_per_target]
         sets = {k: (self.data.x_train[v], self.data.y_train[v]) for k, v in self.samples.items() if k != "test"}
         sets["test"] = (self.data.x_test[self.samples["test"]], self.data.y_test[self.samples["test"]])
-        pos = {s: i for i, s in enumerate(self.sites)}
         keep = torch.ones(len(units_per_target), self.total, dtype=self.dtype, device=self.device)
         for t, units in enumerate(units_per_target):
             for s, u in units:
-                keep[t, self.offsets[pos[s]] + u] = 0
+                keep[t, self.offsets[self.pos[s]] + u] = 0
         for name, (x, y) in sets.items():
             n = x.shape[0]
             per = max(1, batch_rows // max(1, n))
