@@ -8,7 +8,9 @@ run. Training multiplies by the 0/1 mask with no rescaling.
 Mask state: the keep bits of every memorization unit of every chosen site, for every example,
 packed 8 to a byte with the (always set) generalization bits: a uint8 tensor
 (N, ceil(sum_s C_s / 8)) on the training device, built once from a counter-based hash in int32
-(no RNG stream, so any chunking, device, process or resume gives the same bits). A batch's masks
+(no RNG stream, so any chunking, device, process or resume gives the same bits). One hash per
+(example, site, byte of 8 units) draws the whole byte from an alias table of the 256 byte values
+(`byte_alias_table`): about 25 in-place elementwise passes over N x units / 8 words. A batch's masks
 are one gather, one byte-to-bits table lookup and one cast on the device (see `example_masks`).
 
 Evaluation modes (masks of shape [C], the same for every example):
@@ -21,6 +23,8 @@ Evaluation modes (masks of shape [C], the same for every example):
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
@@ -36,14 +40,16 @@ def _i32(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-def _hash32_(x: torch.Tensor) -> torch.Tensor:
+def _hash32_(x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
     """lowbias32 in place on an int32 tensor holding uint32 bit patterns (multiplies wrap mod 2**32;
-    the masks after each shift make it logical)."""
-    x ^= (x >> 16) & 0xFFFF
-    x *= _i32(0x7FEB352D)
-    x ^= (x >> 15) & 0x1FFFF
-    x *= _i32(0x846CA68B)
-    x ^= (x >> 16) & 0xFFFF
+    the masks after each shift make it logical). `t`: scratch of x's shape (allocated if None)."""
+    t = torch.empty_like(x) if t is None else t
+    for shift, mask, mul in ((16, 0xFFFF, 0x7FEB352D), (15, 0x1FFFF, 0x846CA68B), (16, 0xFFFF, None)):
+        torch.bitwise_right_shift(x, shift, out=t)
+        t &= mask
+        x ^= t
+        if mul is not None:
+            x *= _i32(mul)
     return x
 
 
@@ -52,32 +58,88 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return _hash32_((x & _M32).to(torch.int32)).to(torch.int64) & _M32
 
 
+_CAP = 1 << 23  # alias column capacity: 256 columns x 2**23 = 2**31, the draw's resolution
+
+
+@functools.lru_cache(maxsize=64)
+def byte_alias_table(p: float) -> torch.Tensor:
+    """(256,) int32 alias table (Vose) for one byte of 8 independent Bernoulli(p) bits.
+
+    Byte value v has probability q_v = p**k (1 - p)**(8 - k), k = popcount(v). The q_v are scaled
+    to integer weights w_v summing to exactly 2**31 (each within 1 of q_v * 2**31), and integer Vose
+    splits them into 256 columns of 2**23: column i holds its own value for positions r < thr_i
+    and value alias_i for the rest. Drawing column i (8 uniform bits) and position r (23 uniform
+    bits) gives v with probability exactly w_v / 2**31, so every bit's keep rate is p within
+    256 / 2**31 (about 1.2e-7), and the 8 bits of a byte are independent to that precision.
+
+    Entry i packs both as (thr_i - 1) << 8 | (i ^ alias_i), which fits int32 (thr_i <= 2**23)."""
+    q = [p ** v.bit_count() * (1 - p) ** (8 - v.bit_count()) for v in range(256)]
+    w = [round(x * 256 * _CAP) for x in q]
+    w[max(range(256), key=w.__getitem__)] += 256 * _CAP - sum(w)
+    thr, alias = [_CAP] * 256, list(range(256))
+    small = [v for v in range(256) if w[v] < _CAP]
+    large = [v for v in range(256) if w[v] >= _CAP]
+    while small and large:
+        s, big = small.pop(), large[-1]
+        thr[s], alias[s] = w[s], big
+        w[big] -= _CAP - w[s]
+        if w[big] < _CAP:
+            small.append(large.pop())
+    # leftovers (rounding) are full columns: thr = _CAP, alias = itself
+    return torch.tensor([((t - 1) << 8) | (i ^ a) for i, (t, a) in enumerate(zip(thr, alias))],
+                        dtype=torch.int32)
+
+
+def _draw_bytes_(x: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                 e: torch.Tensor | None = None) -> torch.Tensor:
+    """Bytes from hashed int32 words, in place: x becomes the byte values (int32 0..255); t (and e,
+    if given) are scratch of x's shape.
+
+    Column i = top 8 bits of the word, position r = its low 23 bits; with e = table[i]
+    ((thr_i - 1) << 8 | k_i, k_i = i ^ alias_i): e - (r << 8) < 0 iff r >= thr_i (the low byte
+    k_i < 256 cannot change the sign of a multiple of 256), so the byte is
+    i ^ (k_i & ((e - (r << 8)) >> 31)). All elementwise, no branches; no intermediate overflows
+    (e >= -256, r << 8 <= 2**31 - 256)."""
+    torch.bitwise_right_shift(x, 24, out=t)
+    t &= 0xFF
+    x <<= 8
+    x &= 0x7FFFFF00
+    e = torch.index_select(table, 0, t.view(-1), out=None if e is None else e.view(-1)).view_as(x)
+    torch.sub(e, x, out=x)
+    x >>= 31
+    x &= e
+    x &= 0xFF
+    x ^= t
+    return x
+
+
+def _example_keys(seed: int, ids: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: each example's hashed id under the mask seed."""
+    base = int(hash32(torch.tensor([(seed * 0x9E3779B1) & _M32]))[0])
+    return _hash32_((ids.long() & _M32).to(torch.int32) ^ _i32(base))
+
+
+def _column_keys(seed: int, site: int, nbytes: int) -> torch.Tensor:
+    """(nbytes,) int32: hashed (seed, site, byte index) for one site's bytes."""
+    base = (seed * 0x9E3779B1 + (site + 1) * 0x85EBCA77) & _M32
+    k = (base + torch.arange(nbytes, dtype=torch.int64) * 0xC2B2AE3D) & _M32
+    return hash32(k).to(torch.int32)
+
+
+def draw_site_bytes(seed: int, site: int, ids: torch.Tensor, units: int, p: float) -> torch.Tensor:
+    """(len(ids), ceil(units / 8)) uint8: bit j of byte b is unit 8b + j of the site, kept with
+    probability p (see `byte_alias_table`), from hash(example key ^ column key), no RNG stream."""
+    x = _example_keys(seed, ids)[:, None] ^ _column_keys(seed, site, (units + 7) // 8).to(ids.device)[None, :]
+    _draw_bytes_(_hash32_(x, torch.empty_like(x)), torch.empty_like(x),
+                 byte_alias_table(float(p)).to(ids.device))
+    return x.to(torch.uint8)
+
+
 def keep_bits(seed: int, site: int, ids: torch.Tensor, units: int, p: float) -> torch.Tensor:
-    """Bool (len(ids), units): unit u of example i kept iff its 16-bit hash field < round(p * 2**16).
-
-    One 32-bit hash h(seed, site, i, k) serves units 2k (low 16 bits) and 2k + 1 (high 16 bits),
-    so the keep probability is round(p * 65536) / 65536 (within 8e-6 of p). Computed in int32 on
-    the ids' device: a handful of elementwise passes over (len(ids), units / 2).
-
-    lowbias32's last step (x ^= x >>> 16) leaves the high half unchanged and xors it into the low
-    half, so it is folded into the two comparisons: high field = the top 16 bits of x read as
-    unsigned (x ^ 0x80000000 < (t << 16) - 2**31 in int32), low field = (x ^ (x >> 16)) & 0xFFFF
-    (an arithmetic shift only touches the bits the mask clears)."""
-    dev = ids.device
-    base = int(hash32(torch.tensor([(seed * 0x9E3779B1 + site * 0x85EBCA77) & _M32]))[0])
-    h_ex = _hash32_((ids.long() & _M32).to(torch.int32) ^ _i32(base))  # (B,)
-    pairs = (units + 1) // 2
-    k = (torch.arange(pairs, dtype=torch.int64) * 0xC2B2AE3D & _M32).to(torch.int32).to(dev)
-    x = h_ex[:, None] ^ k[None, :]  # (B, pairs)
-    x ^= (x >> 16) & 0xFFFF
-    x *= _i32(0x7FEB352D)
-    x ^= (x >> 15) & 0x1FFFF
-    x *= _i32(0x846CA68B)
-    t = int(round(p * 2**16))
-    hi = (x ^ _i32(0x80000000)) < (t << 16) - (1 << 31)
-    x ^= x >> 16
-    lo = (x & 0xFFFF) < t
-    return torch.stack([lo, hi], 2).view(ids.shape[0], 2 * pairs)[:, :units]
+    """Bool (len(ids), units): unit u of example i at `site` is kept. Every unit of the site is drawn
+    (ETD then forces its generalization units on), so the memorization units' bits do not depend
+    on p_gen's split."""
+    return unpack_bits(draw_site_bytes(seed, site, ids, units, p), units)
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -121,7 +183,7 @@ class ExampleTiedDropout:
     """Per-example tied masks for the chosen sites of a model with `site_units`."""
 
     def __init__(self, cfg: DropoutConfig, site_units: list[int], n_examples: int,
-                 device: torch.device | str = "cpu", chunk: int = 1024):
+                 device: torch.device | str = "cpu", chunk: int | None = None):
         self.p_gen, self.p_mem, self.seed = cfg.p_gen, cfg.p_mem, cfg.mask_seed
         self.site_units = list(site_units)
         self.sites = resolve_sites(cfg, len(site_units))
@@ -137,16 +199,44 @@ class ExampleTiedDropout:
         self.device = torch.device(device)
         # Row layout: every unit of each chosen site in site order, generalization bits set, then
         # padding to whole bytes: ceil(units / 8) bytes per example, so a batch's masks need no
-        # reassembly (see `example_masks`).
-        rows = []
+        # reassembly (see `example_masks`). Each site's bits are drawn as whole bytes
+        # (`draw_site_bytes`); when every site but the last has a multiple of 8 units (every
+        # architecture here at any width that is a multiple of 8) those bytes are the row as is.
+        nb = [(site_units[s] + 7) // 8 for s in self.sites]
+        cols = [0, *itertools.accumulate(nb)]
+        # bytes holding only generalization units are 0xFF whatever is drawn: draw the rest only
+        first = [self.gen[s] // 8 for s in self.sites]
+        keys = torch.cat([_column_keys(self.seed, s, n)[f:] for s, n, f in zip(self.sites, nb, first)])
+        # (row byte range, drawn column range) per site: the drawn bytes land in contiguous runs
+        runs, d = [], 0
+        for c, n, f in zip(cols, nb, first):
+            runs.append((c + f, c + n, d, d + n - f))
+            d += n - f
+        gen_bits = torch.zeros(cols[-1], dtype=torch.uint8)
+        for s, c, f in zip(self.sites, cols, first):
+            gen_bits[c:c + f] = 0xFF
+            gen_bits[c + f] = (1 << (self.gen[s] % 8)) - 1  # g < units, so byte c + f exists
+        table = byte_alias_table(float(self.p_mem)).to(self.device)
+        ex = _example_keys(self.seed, torch.arange(n_examples, device=self.device))
+        keys = keys.to(self.device)
+        chunk = chunk or max(1, (1 << 18) // keys.numel())
+        gen_bits = gen_bits.to(self.device)
+        packed = gen_bits.expand(n_examples, -1).clone()
+        gen_drawn = torch.cat([gen_bits[a:b] for a, b, _, _ in runs])
+        x = torch.empty(min(chunk, n_examples), keys.numel(), dtype=torch.int32, device=self.device)
+        t, e = torch.empty_like(x), torch.empty_like(x)
         for start in range(0, n_examples, chunk):
-            ids = torch.arange(start, min(start + chunk, n_examples), device=self.device)
-            bits = []
-            for s in self.sites:
-                bits.append(torch.ones(ids.shape[0], self.gen[s], dtype=torch.bool, device=self.device))
-                bits.append(keep_bits(self.seed, s, ids, self.mem[s], self.p_mem))
-            rows.append(pack_bits(torch.cat(bits, 1)))
-        self.packed = torch.cat(rows)  # (N, ceil(sum of chosen sites' units / 8)) uint8
+            rows = slice(start, min(start + chunk, n_examples))
+            n = rows.stop - rows.start
+            xs = torch.bitwise_xor(ex[rows, None], keys[None, :], out=x[:n])
+            drawn = _draw_bytes_(_hash32_(xs, t[:n]), t[:n], table, e[:n])
+            drawn = drawn.to(torch.uint8).bitwise_or_(gen_drawn)
+            for a, b, da, db in runs:
+                packed[rows, a:b] = drawn[:, da:db]
+        if any(site_units[s] % 8 for s in self.sites[:-1]):  # splice the sites' bits end to end
+            packed = pack_bits(torch.cat([unpack_bits(packed[:, a:b], site_units[s])
+                                          for s, a, b in zip(self.sites, cols, cols[1:])], 1))
+        self.packed = packed  # (N, ceil(sum of chosen sites' units / 8)) uint8
         self._slices, col = {}, 0
         for s in self.sites:
             self._slices[s] = (col, col + site_units[s])

@@ -7,6 +7,8 @@ from memray.config import ConfigError, DropoutConfig, ExperimentConfig
 from memray.dropout import (
     ExampleTiedDropout,
     StandardDropout,
+    _draw_bytes_,
+    byte_alias_table,
     hash32,
     keep_bits,
     pack_bits,
@@ -27,6 +29,42 @@ def test_hash_matches_a_python_reference():
 
     xs = [0, 1, 12345, 2**31 + 7, 2**32 - 1]
     assert hash32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
+
+
+@pytest.mark.parametrize("p", [0.003, 0.1, 0.3, 0.5, 0.9])
+def test_byte_alias_table_draws_eight_independent_bernoulli_bits(p):
+    """Read back the exact distribution the table draws from: every byte value within 2**-24 of
+    p**k (1-p)**(8-k), total exactly 1, and each bit's keep rate within 1.2e-7 of p."""
+    e = byte_alias_table(p).tolist()
+    cap = 1 << 23
+    mass = [0] * 256  # in units of 2**-31
+    for i, v in enumerate(e):
+        thr, alias = (v >> 8) + 1, i ^ (v & 0xFF)
+        assert 0 <= thr <= cap
+        mass[i] += thr
+        mass[alias] += cap - thr
+    assert sum(mass) == 1 << 31
+    for v in range(256):
+        k = v.bit_count()
+        assert abs(mass[v] / 2**31 - p**k * (1 - p) ** (8 - k)) <= 2**-24
+    for bit in range(8):
+        rate = sum(m for v, m in enumerate(mass) if v >> bit & 1) / 2**31
+        assert abs(rate - p) < 1.2e-7
+
+
+def test_byte_draw_matches_a_python_reference():
+    p = 0.3
+    table = byte_alias_table(p)
+    words = torch.randint(-2**31, 2**31 - 1, (5000,), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+    words[:4] = torch.tensor([0, -1, 2**31 - 1, -2**31], dtype=torch.int32)
+    got = _draw_bytes_(words.clone(), torch.empty_like(words), table).tolist()
+    e = table.tolist()
+    for w, b in zip(words.tolist(), got):
+        u = w & 0xFFFFFFFF
+        i, r = u >> 24, u & 0x7FFFFF
+        thr, alias = (e[i] >> 8) + 1, i ^ (e[i] & 0xFF)
+        assert b == (i if r < thr else alias)
 
 
 def test_pack_unpack_round_trip():
@@ -78,15 +116,18 @@ def test_mask_state_is_packed_bits():
     assert etd.state_bytes == 1000 * math.ceil(sum(UNITS) / 8)
 
 
-def test_batch_masks_are_the_hash_bits():
-    """example_masks (packed gather + table unpack) equals keep_bits computed directly."""
+@pytest.mark.parametrize("units", [UNITS, [10, 21, 16, 7]])
+def test_batch_masks_are_the_hash_bits(units):
+    """example_masks (packed gather + table unpack) equals keep_bits computed directly, also when
+    sites with unit counts that are not multiples of 8 are spliced end to end."""
     cfg = DropoutConfig(kind="example_tied", p_gen=0.25, p_mem=0.3, mask_seed=11)
-    etd = ExampleTiedDropout(cfg, UNITS, 300, chunk=64)
+    etd = ExampleTiedDropout(cfg, units, 300, chunk=64)
+    assert etd.packed.shape == (300, math.ceil(sum(units) / 8))
     ids = torch.tensor([299, 0, 64, 65, 17])
     masks = etd.example_masks(ids)
-    for s, c in enumerate(UNITS):
+    for s, c in enumerate(units):
         g = math.floor(0.25 * c)
-        expect = torch.cat([torch.ones(len(ids), g), keep_bits(11, s, ids, c - g, 0.3).float()], 1)
+        expect = torch.cat([torch.ones(len(ids), g), keep_bits(11, s, ids, c, 0.3)[:, g:].float()], 1)
         assert torch.equal(masks[s], expect)
 
 
