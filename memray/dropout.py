@@ -92,8 +92,8 @@ def byte_alias_table(p: float) -> torch.Tensor:
 
 def _draw_bytes_(x: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
                  e: torch.Tensor | None = None) -> torch.Tensor:
-    """Bytes from hashed int32 words, in place: x becomes the byte values (int32 0..255); t (and e,
-    if given) are scratch of x's shape.
+    """Bytes from hashed int32 words, in place: x's low 8 bits become the byte (the cast to uint8
+    keeps exactly them; the high bits are not cleared); t (and e, if given) are scratch of x's shape.
 
     Column i = top 8 bits of the word, position r = its low 23 bits; with e = table[i]
     ((thr_i - 1) << 8 | k_i, k_i = i ^ alias_i): e - (r << 8) < 0 iff r >= thr_i (the low byte
@@ -108,7 +108,6 @@ def _draw_bytes_(x: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
     torch.sub(e, x, out=x)
     x >>= 31
     x &= e
-    x &= 0xFF
     x ^= t
     return x
 
@@ -126,12 +125,37 @@ def _column_keys(seed: int, site: int, nbytes: int) -> torch.Tensor:
     return hash32(k).to(torch.int32)
 
 
+def _mix16(v: torch.Tensor) -> torch.Tensor:
+    """lowbias32's first step, v ^ (v >>> 16), on int32."""
+    return v ^ ((v >> 16) & 0xFFFF)
+
+
+def _draw_block_(h1: torch.Tensor, k1: torch.Tensor, table: torch.Tensor, x: torch.Tensor,
+                 t: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
+    """x[:] = `_draw_bytes_` of lowbias32(h ^ k) for every (example key h, column key k) pair, given
+    h1 = _mix16(h) and k1 = _mix16(k): lowbias32's first step distributes over xor
+    ((h ^ k) ^ ((h ^ k) >>> 16) = h1 ^ k1), so it is taken on the key vectors and the block starts
+    at the first multiply. x, t, e: int32 (len(h1), len(k1)) buffers."""
+    torch.bitwise_xor(h1[:, None], k1[None, :], out=x)
+    x *= _i32(0x7FEB352D)
+    torch.bitwise_right_shift(x, 15, out=t)
+    t &= 0x1FFFF
+    x ^= t
+    x *= _i32(0x846CA68B)
+    torch.bitwise_right_shift(x, 16, out=t)
+    t &= 0xFFFF
+    x ^= t
+    return _draw_bytes_(x, t, table, e)
+
+
 def draw_site_bytes(seed: int, site: int, ids: torch.Tensor, units: int, p: float) -> torch.Tensor:
     """(len(ids), ceil(units / 8)) uint8: bit j of byte b is unit 8b + j of the site, kept with
-    probability p (see `byte_alias_table`), from hash(example key ^ column key), no RNG stream."""
-    x = _example_keys(seed, ids)[:, None] ^ _column_keys(seed, site, (units + 7) // 8).to(ids.device)[None, :]
-    _draw_bytes_(_hash32_(x, torch.empty_like(x)), torch.empty_like(x),
-                 byte_alias_table(float(p)).to(ids.device))
+    probability p (see `byte_alias_table`), drawn from lowbias32(example key ^ column key) with
+    no RNG stream."""
+    h1 = _mix16(_example_keys(seed, ids))
+    k1 = _mix16(_column_keys(seed, site, (units + 7) // 8).to(ids.device))
+    x = torch.empty(h1.shape[0], k1.shape[0], dtype=torch.int32, device=ids.device)
+    _draw_block_(h1, k1, byte_alias_table(float(p)).to(ids.device), x, torch.empty_like(x))
     return x.to(torch.uint8)
 
 
@@ -217,22 +241,20 @@ class ExampleTiedDropout:
             gen_bits[c:c + f] = 0xFF
             gen_bits[c + f] = (1 << (self.gen[s] % 8)) - 1  # g < units, so byte c + f exists
         table = byte_alias_table(float(self.p_mem)).to(self.device)
-        ex = _example_keys(self.seed, torch.arange(n_examples, device=self.device))
-        keys = keys.to(self.device)
-        chunk = chunk or max(1, (1 << 18) // keys.numel())
+        h1 = _mix16(_example_keys(self.seed, torch.arange(n_examples, device=self.device)))
+        k1 = _mix16(keys.to(self.device))
+        chunk = chunk or max(1, (1 << 17) // k1.numel())
         gen_bits = gen_bits.to(self.device)
         packed = gen_bits.expand(n_examples, -1).clone()
-        gen_drawn = torch.cat([gen_bits[a:b] for a, b, _, _ in runs])
-        x = torch.empty(min(chunk, n_examples), keys.numel(), dtype=torch.int32, device=self.device)
+        x = torch.empty(min(chunk, n_examples), k1.numel(), dtype=torch.int32, device=self.device)
         t, e = torch.empty_like(x), torch.empty_like(x)
         for start in range(0, n_examples, chunk):
             rows = slice(start, min(start + chunk, n_examples))
             n = rows.stop - rows.start
-            xs = torch.bitwise_xor(ex[rows, None], keys[None, :], out=x[:n])
-            drawn = _draw_bytes_(_hash32_(xs, t[:n]), t[:n], table, e[:n])
-            drawn = drawn.to(torch.uint8).bitwise_or_(gen_drawn)
+            drawn = _draw_block_(h1[rows], k1, table, x[:n], t[:n], e[:n])
             for a, b, da, db in runs:
-                packed[rows, a:b] = drawn[:, da:db]
+                packed[rows, a:b] = drawn[:, da:db]  # the cast keeps each word's low byte
+        packed |= gen_bits
         if any(site_units[s] % 8 for s in self.sites[:-1]):  # splice the sites' bits end to end
             packed = pack_bits(torch.cat([unpack_bits(packed[:, a:b], site_units[s])
                                           for s, a, b in zip(self.sites, cols, cols[1:])], 1))

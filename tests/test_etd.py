@@ -7,8 +7,11 @@ from memray.config import ConfigError, DropoutConfig, ExperimentConfig
 from memray.dropout import (
     ExampleTiedDropout,
     StandardDropout,
+    _column_keys,
     _draw_bytes_,
+    _example_keys,
     byte_alias_table,
+    draw_site_bytes,
     hash32,
     keep_bits,
     pack_bits,
@@ -58,13 +61,28 @@ def test_byte_draw_matches_a_python_reference():
     words = torch.randint(-2**31, 2**31 - 1, (5000,), dtype=torch.int32,
                           generator=torch.Generator().manual_seed(0))
     words[:4] = torch.tensor([0, -1, 2**31 - 1, -2**31], dtype=torch.int32)
-    got = _draw_bytes_(words.clone(), torch.empty_like(words), table).tolist()
+    got = _draw_bytes_(words.clone(), torch.empty_like(words), table).to(torch.uint8).tolist()
+    assert got == [_alias_draw(table, w & 0xFFFFFFFF) for w in words.tolist()]
+
+
+def _alias_draw(table, u):
     e = table.tolist()
-    for w, b in zip(words.tolist(), got):
-        u = w & 0xFFFFFFFF
-        i, r = u >> 24, u & 0x7FFFFF
-        thr, alias = (e[i] >> 8) + 1, i ^ (e[i] & 0xFF)
-        assert b == (i if r < thr else alias)
+    i, r = u >> 24, u & 0x7FFFFF
+    thr, alias = (e[i] >> 8) + 1, i ^ (e[i] & 0xFF)
+    return i if r < thr else alias
+
+
+def test_site_bytes_are_the_alias_draw_of_the_full_hash():
+    """draw_site_bytes (lowbias32's first step taken on the key vectors) equals hashing each
+    (example key ^ column key) word in full, then the alias draw."""
+    ids = torch.tensor([0, 5, 4095, 2**20 + 3])
+    got = draw_site_bytes(9, 2, ids, 77, 0.2)
+    h = _example_keys(9, ids).long() & 0xFFFFFFFF
+    k = _column_keys(9, 2, 10).long() & 0xFFFFFFFF
+    words = hash32(h[:, None] ^ k[None, :])
+    table = byte_alias_table(0.2)
+    assert got.shape == (4, 10)
+    assert got.tolist() == [[_alias_draw(table, w) for w in row] for row in words.tolist()]
 
 
 def test_pack_unpack_round_trip():
