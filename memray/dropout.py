@@ -10,8 +10,9 @@ packed 8 to a byte with the (always set) generalization bits: a uint8 tensor
 (N, ceil(sum_s C_s / 8)) on the training device, built once from a counter-based hash in int32
 (no RNG stream, so any chunking, device, process or resume gives the same bits). One hash per
 (example, site, byte of 8 units) draws the whole byte from an alias table of the 256 byte values
-(`byte_alias_table`): about 25 in-place elementwise passes over N x units / 8 words. A batch's masks
-are one gather, one byte-to-bits table lookup and one cast on the device (see `example_masks`).
+(`byte_alias_table`): about 20 in-place elementwise passes and one table gather over
+N x units / 8 words. A batch's masks are one gather of packed rows and one lookup of each byte's
+8 float bits on the device (see `example_masks`).
 
 Evaluation modes (masks of shape [C], the same for every example):
   own   the example's own tied mask (training examples only): the model as trained.
@@ -185,12 +186,8 @@ def unpack_bits(packed: torch.Tensor, K: int) -> torch.Tensor:
 
 
 def _byte_table(device) -> torch.Tensor:
-    """(256,) int64: entry b holds byte b's 8 bits as 8 bytes of 0/1 (bit j in byte j, little-endian)."""
-    b = torch.arange(256, dtype=torch.int64)
-    t = torch.zeros(256, dtype=torch.int64)
-    for j in range(8):
-        t |= ((b >> j) & 1) << (8 * j)
-    return t.to(device)
+    """(256, 8) float32: row b holds byte b's 8 bits as 0./1. (bit j in column j)."""
+    return ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float().to(device)
 
 
 def resolve_sites(cfg: DropoutConfig, n_sites: int) -> list[int]:
@@ -278,13 +275,13 @@ class ExampleTiedDropout:
     def example_masks(self, ids: torch.Tensor) -> list[torch.Tensor | None]:
         """Masks (B, C) per site (None for sites without ETD) for training examples `ids`.
 
-        Three device ops per batch: gather the examples' packed rows, look each byte up in a
-        256-entry int64 table whose 8 bytes are its bits (0/1), convert those bytes to float. Site
-        masks are column slices (views) of that one tensor."""
+        Two device gathers per batch: the examples' packed rows, then each byte's row of a (256, 8)
+        float table of its bits, which is the float mask itself. Site masks are column slices
+        (views) of that one tensor."""
         if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 1:
             raise ValueError("example-tied dropout needs a 1-D tensor of integer example ids")
         rows = self.packed.index_select(0, ids).view(-1).int()
-        bits = self._table.index_select(0, rows).view(torch.uint8).view(ids.shape[0], -1).float()
+        bits = self._table.index_select(0, rows).view(ids.shape[0], -1)
         out: list[torch.Tensor | None] = [None] * len(self.site_units)
         for s, (a, b) in self._slices.items():
             out[s] = bits[:, a:b]
