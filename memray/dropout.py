@@ -31,6 +31,7 @@ import math
 import torch
 
 from .config import ConfigError, DropoutConfig
+from .sites import BinaryMasks
 
 MODES = ("plain", "own", "all", "drop")
 _M32 = 0xFFFFFFFF
@@ -272,7 +273,7 @@ class ExampleTiedDropout:
         return self
 
     # -- training / `own` -------------------------------------------------------------------
-    def example_masks(self, ids: torch.Tensor) -> list[torch.Tensor | None]:
+    def example_masks(self, ids: torch.Tensor) -> BinaryMasks:
         """Masks (B, C) per site (None for sites without ETD) for training examples `ids`.
 
         Two device gathers per batch: the examples' packed rows, then each byte's row of a (256, 8)
@@ -282,7 +283,7 @@ class ExampleTiedDropout:
             raise ValueError("example-tied dropout needs a 1-D tensor of integer example ids")
         rows = self.packed.index_select(0, ids).view(-1).int()
         bits = self._table.index_select(0, rows).view(ids.shape[0], -1)
-        out: list[torch.Tensor | None] = [None] * len(self.site_units)
+        out = BinaryMasks([None] * len(self.site_units))
         for s, (a, b) in self._slices.items():
             out[s] = bits[:, a:b]
         return out

@@ -42,8 +42,8 @@ class MLP(SiteModel):
         d = math.prod(in_shape)
         self.hidden = nn.ModuleList()
         for i in range(depth):
-            self.hidden.append(nn.Sequential(nn.Linear(d if i == 0 else width, width), nn.ReLU(),
-                                             Site(width)))
+            self.hidden.append(nn.Sequential(nn.Linear(d if i == 0 else width, width),
+                                             Site(width, relu=True)))
         self.head = nn.Linear(width, num_classes)
         self.layer_groups = [(f"fc{i + 1}", [f"hidden.{i}"]) for i in range(depth)] + [("head", ["head"])]
         self._register_sites()
@@ -62,11 +62,11 @@ class LeNet(SiteModel):
         one_d = len(in_shape) == 2
         Conv, _, Pool, _ = _ops(one_d)
         c_in = in_shape[0]
-        self.conv1 = nn.Sequential(Conv(c_in, width, 3, padding=1), nn.ReLU(), Site(width), Pool(2))
-        self.conv2 = nn.Sequential(Conv(width, 2 * width, 3, padding=1), nn.ReLU(), Site(2 * width), Pool(2))
+        self.conv1 = nn.Sequential(Conv(c_in, width, 3, padding=1), Site(width, relu=True), Pool(2))
+        self.conv2 = nn.Sequential(Conv(width, 2 * width, 3, padding=1), Site(2 * width, relu=True), Pool(2))
         spatial = math.prod(s // 4 for s in in_shape[1:])
-        self.fc1 = nn.Sequential(nn.Linear(2 * width * spatial, 8 * width), nn.ReLU(), Site(8 * width))
-        self.fc2 = nn.Sequential(nn.Linear(8 * width, 4 * width), nn.ReLU(), Site(4 * width))
+        self.fc1 = nn.Sequential(nn.Linear(2 * width * spatial, 8 * width), Site(8 * width, relu=True))
+        self.fc2 = nn.Sequential(nn.Linear(8 * width, 4 * width), Site(4 * width, relu=True))
         self.head = nn.Linear(4 * width, num_classes)
         self.layer_groups = [(n, [n]) for n in ("conv1", "conv2", "fc1", "fc2", "head")]
         self._register_sites()
@@ -78,11 +78,11 @@ class LeNet(SiteModel):
 
 # ----------------------------------------------------------------------------- ResNet-9
 class ConvBlock(nn.Sequential):
-    """conv3x3 -> BN -> ReLU -> site (-> max-pool)."""
+    """conv3x3 -> BN -> ReLU + site (-> max-pool)."""
 
     def __init__(self, c_in: int, c_out: int, one_d: bool, pool: bool = False):
         Conv, Norm, Pool, _ = _ops(one_d)
-        layers = [Conv(c_in, c_out, 3, padding=1, bias=False), Norm(c_out), nn.ReLU(), Site(c_out)]
+        layers = [Conv(c_in, c_out, 3, padding=1, bias=False), Norm(c_out), Site(c_out, relu=True)]
         if pool:
             layers.append(Pool(2))
         super().__init__(*layers)

@@ -16,22 +16,50 @@ from torch import nn
 Masks = Sequence[torch.Tensor | None]
 
 
+class BinaryMasks(list):
+    """Masks whose entries are all 0 or 1 (example-tied dropout's training masks): lets a site
+    that applies its own ReLU use the fused op (`_ReLUMask`)."""
+
+
 class _MaskSlot:
     """Shared, non-module holder of the masks for the forward pass in flight."""
 
-    __slots__ = ("masks",)
+    __slots__ = ("masks", "binary")
 
     def __init__(self) -> None:
         self.masks: Masks | None = None
+        self.binary = False
+
+
+class _ReLUMask(torch.autograd.Function):
+    """relu(x) * m for a 0/1 mask m, as one autograd node whose backward is ReLU's own on the
+    masked output: out > 0 exactly where x > 0 and m = 1, so grad * 1[out > 0] is the exact
+    gradient and the mask multiply drops out of the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(x).mul_(m)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, out, 0), None
 
 
 class Site(nn.Module):
-    """Identity unless a mask is set for it; then x * mask along `unit_dim`."""
+    """Identity unless a mask is set for it; then x * mask along `unit_dim`.
 
-    def __init__(self, units: int, unit_dim: int = 1):
+    `relu=True`: the site also applies the ReLU in front of it, relu(x) (* mask). With 0/1 masks
+    (`BinaryMasks`) and autograd on, that is one fused op with ReLU's own backward (`_ReLUMask`);
+    otherwise (scaled masks, masks that need gradients, no autograd) it is relu(x) * mask."""
+
+    def __init__(self, units: int, unit_dim: int = 1, relu: bool = False):
         super().__init__()
         self.units = units
         self.unit_dim = unit_dim  # 1 for [B, C, ...], -1 for [B, T, C]
+        self.relu = relu
         self.index = -1
         self.slot: _MaskSlot | None = None
 
@@ -39,11 +67,16 @@ class Site(nn.Module):
         masks = self.slot.masks if self.slot is not None else None
         m = masks[self.index] if masks is not None else None
         if m is None:
-            return x
-        return x * broadcast_mask(m, x, self.unit_dim)
+            return torch.relu(x) if self.relu else x
+        m = broadcast_mask(m, x, self.unit_dim)
+        if not self.relu:
+            return x * m
+        if self.slot.binary and torch.is_grad_enabled() and not m.requires_grad:
+            return _ReLUMask.apply(x, m)
+        return torch.relu(x) * m
 
     def extra_repr(self) -> str:
-        return f"index={self.index}, units={self.units}"
+        return f"index={self.index}, units={self.units}" + (", relu=True" if self.relu else "")
 
 
 def broadcast_mask(m: torch.Tensor, x: torch.Tensor, unit_dim: int) -> torch.Tensor:
@@ -86,11 +119,11 @@ class SiteModel(nn.Module):
     def forward(self, x: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
         if masks is not None and len(masks) != len(self.sites):
             raise ValueError(f"got {len(masks)} masks for {len(self.sites)} sites")
-        self._slot.masks = masks
+        self._slot.masks, self._slot.binary = masks, isinstance(masks, BinaryMasks)
         try:
             return self.body(x)
         finally:
-            self._slot.masks = None
+            self._slot.masks, self._slot.binary = None, False
 
     # -- layer groups ------------------------------------------------------------------------
     def group_names(self) -> list[str]:

@@ -4,6 +4,7 @@ import torch
 from memray.config import ARCHS, DATASETS, ConfigError, ExperimentConfig
 from memray.data import Data
 from memray.models import build_model
+from memray.sites import BinaryMasks
 from memray.train import Trainer
 
 WORKING = [(d, a) for d in ("digits", "mnist1d") for a in ARCHS if not (d == "mnist1d" and a == "resnet50")]
@@ -91,3 +92,40 @@ def test_cifar_shaped_resnet9_and_vit():
     for arch in ("resnet9", "vit_small", "resnet50"):
         m = build_model(arch, SMALL_WIDTH[arch], (3, 32, 32), 100)
         assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("arch,in_shape", [("mlp", (1, 8, 8)), ("lenet", (1, 8, 8)), ("resnet9", (1, 8, 8)),
+                                           ("resnet9", (1, 40)), ("vit_small", (1, 8, 8))])
+def test_fused_relu_site_gives_the_same_outputs_and_gradients(arch, in_shape):
+    """0/1 masks passed as BinaryMasks take the fused ReLU + mask op at sites that apply their own
+    ReLU; outputs and every parameter and input gradient equal the plain relu(x) * mask path."""
+    torch.manual_seed(0)
+    m = build_model(arch, SMALL_WIDTH[arch], in_shape, 10).double()
+    x = torch.randn(6, *in_shape, dtype=torch.float64)
+    masks = [(torch.rand(6, u) < 0.5).double() for u in m.site_units]
+    results, fused = [], []
+    for ms in (list(masks), BinaryMasks(masks)):
+        xi = x.clone().requires_grad_(True)
+        out = m(xi, ms)
+        fused.append(_count_nodes(out.grad_fn, "_ReLUMaskBackward"))
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, 10, dtype=torch.float64)).sum(),
+                                    [xi, *m.parameters()])
+        results.append((out.detach(), grads))
+    (o1, g1), (o2, g2) = results
+    assert torch.equal(o1, o2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    relu_sites = sum(s.relu for s in m.sites)  # mlp, lenet, resnet9: every site; vit: none
+    assert relu_sites == (0 if arch == "vit_small" else len(m.sites))
+    assert fused == [0, relu_sites]
+
+
+def _count_nodes(fn, name: str) -> int:
+    seen, stack, n = set(), [fn], 0
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        n += type(f).__name__ == name
+        stack.extend(g for g, _ in f.next_functions)
+    return n
