@@ -24,7 +24,7 @@ class BinaryMasks(list):
 class _MaskSlot:
     """Shared, non-module holder of the masks for the forward pass in flight."""
 
-    __slots__ = ("masks", "binary")
+    __slots__ = ("binary", "masks")
 
     def __init__(self) -> None:
         self.masks: Masks | None = None
