@@ -42,16 +42,23 @@ def _i32(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-def _hash32_(x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-    """lowbias32 in place on an int32 tensor holding uint32 bit patterns (multiplies wrap mod 2**32;
-    the masks after each shift make it logical). `t`: scratch of x's shape (allocated if None)."""
+# lowbias32 as steps: ("xs", k, mask) is x ^= x >>> k (the mask makes int32's arithmetic shift
+# logical), ("mul", c) is x *= c mod 2**32.
+_LOWBIAS32 = (("xs", 16, 0xFFFF), ("mul", 0x7FEB352D), ("xs", 15, 0x1FFFF), ("mul", 0x846CA68B),
+              ("xs", 16, 0xFFFF))
+
+
+def _hash32_(x: torch.Tensor, t: torch.Tensor | None = None, steps: slice = slice(None)) -> torch.Tensor:
+    """lowbias32 (or the given slice of its steps) in place on an int32 tensor holding uint32 bit
+    patterns. `t`: scratch of x's shape (allocated if None)."""
     t = torch.empty_like(x) if t is None else t
-    for shift, mask, mul in ((16, 0xFFFF, 0x7FEB352D), (15, 0x1FFFF, 0x846CA68B), (16, 0xFFFF, None)):
-        torch.bitwise_right_shift(x, shift, out=t)
-        t &= mask
-        x ^= t
-        if mul is not None:
-            x *= _i32(mul)
+    for op, *arg in _LOWBIAS32[steps]:
+        if op == "mul":
+            x *= _i32(arg[0])
+        else:
+            torch.bitwise_right_shift(x, arg[0], out=t)
+            t &= arg[1]
+            x ^= t
     return x
 
 
@@ -128,8 +135,8 @@ def _column_keys(seed: int, site: int, nbytes: int) -> torch.Tensor:
 
 
 def _mix16(v: torch.Tensor) -> torch.Tensor:
-    """lowbias32's first step, v ^ (v >>> 16), on int32."""
-    return v ^ ((v >> 16) & 0xFFFF)
+    """lowbias32's first step, v ^ (v >>> 16), on a copy of int32 `v`."""
+    return _hash32_(v.clone(), steps=slice(0, 1))
 
 
 def _draw_block_(h1: torch.Tensor, k1: torch.Tensor, table: torch.Tensor, x: torch.Tensor,
@@ -139,15 +146,7 @@ def _draw_block_(h1: torch.Tensor, k1: torch.Tensor, table: torch.Tensor, x: tor
     ((h ^ k) ^ ((h ^ k) >>> 16) = h1 ^ k1), so it is taken on the key vectors and the block starts
     at the first multiply. x, t, e: int32 (len(h1), len(k1)) buffers."""
     torch.bitwise_xor(h1[:, None], k1[None, :], out=x)
-    x *= _i32(0x7FEB352D)
-    torch.bitwise_right_shift(x, 15, out=t)
-    t &= 0x1FFFF
-    x ^= t
-    x *= _i32(0x846CA68B)
-    torch.bitwise_right_shift(x, 16, out=t)
-    t &= 0xFFFF
-    x ^= t
-    return _draw_bytes_(x, t, table, e)
+    return _draw_bytes_(_hash32_(x, t, steps=slice(1, None)), t, table, e)
 
 
 def draw_site_bytes(seed: int, site: int, ids: torch.Tensor, units: int, p: float) -> torch.Tensor:
@@ -243,7 +242,7 @@ class ExampleTiedDropout:
         k1 = _mix16(keys.to(self.device))
         chunk = chunk or max(1, (1 << 17) // k1.numel())
         gen_bits = gen_bits.to(self.device)
-        packed = gen_bits.expand(n_examples, -1).clone()
+        packed = torch.zeros(n_examples, gen_bits.numel(), dtype=torch.uint8, device=self.device)
         x = torch.empty(min(chunk, n_examples), k1.numel(), dtype=torch.int32, device=self.device)
         t, e = torch.empty_like(x), torch.empty_like(x)
         for start in range(0, n_examples, chunk):
@@ -252,7 +251,7 @@ class ExampleTiedDropout:
             drawn = _draw_block_(h1[rows], k1, table, x[:n], t[:n], e[:n])
             for a, b, da, db in runs:
                 packed[rows, a:b] = drawn[:, da:db]  # the cast keeps each word's low byte
-        packed |= gen_bits
+        packed |= gen_bits  # sets the generalization bits, also in bytes that were not drawn
         if any(site_units[s] % 8 for s in self.sites[:-1]):  # splice the sites' bits end to end
             packed = pack_bits(torch.cat([unpack_bits(packed[:, a:b], site_units[s])
                                           for s, a, b in zip(self.sites, cols, cols[1:])], 1))
