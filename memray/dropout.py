@@ -48,13 +48,22 @@ _LOWBIAS32 = (("xs", 16, 0xFFFF), ("mul", 0x7FEB352D), ("xs", 15, 0x1FFFF), ("mu
               ("xs", 16, 0xFFFF))
 
 
+def _c(v: int) -> torch.Tensor:
+    """An int32 0-dim (CPU scalar) tensor for constant v: in-place ops take it without converting
+    a Python number on every call (a few microseconds each, in loops over chunks)."""
+    return torch.tensor(_i32(v), dtype=torch.int32)
+
+
+_LOWBIAS32_T = tuple((op, *map(_c, arg)) for op, *arg in _LOWBIAS32)
+
+
 def _hash32_(x: torch.Tensor, t: torch.Tensor | None = None, steps: slice = slice(None)) -> torch.Tensor:
     """lowbias32 (or the given slice of its steps) in place on an int32 tensor holding uint32 bit
     patterns. `t`: scratch of x's shape (allocated if None)."""
     t = torch.empty_like(x) if t is None else t
-    for op, *arg in _LOWBIAS32[steps]:
+    for op, *arg in _LOWBIAS32_T[steps]:
         if op == "mul":
-            x *= _i32(arg[0])
+            x *= arg[0]
         else:
             torch.bitwise_right_shift(x, arg[0], out=t)
             t &= arg[1]
@@ -109,16 +118,19 @@ def _draw_bytes_(x: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
     k_i < 256 cannot change the sign of a multiple of 256), so the byte is
     i ^ (k_i & ((e - (r << 8)) >> 31)). All elementwise, no branches; no intermediate overflows
     (e >= -256, r << 8 <= 2**31 - 256)."""
-    torch.bitwise_right_shift(x, 24, out=t)
-    t &= 0xFF
-    x <<= 8
-    x &= 0x7FFFFF00
+    torch.bitwise_right_shift(x, _C24, out=t)
+    t &= _C255
+    x <<= _C8
+    x &= _CR8
     e = torch.index_select(table, 0, t.view(-1), out=None if e is None else e.view(-1)).view_as(x)
     torch.sub(e, x, out=x)
-    x >>= 31
+    x >>= _C31
     x &= e
     x ^= t
     return x
+
+
+_C8, _C24, _C31, _C255, _CR8 = map(_c, (8, 24, 31, 0xFF, 0x7FFFFF00))
 
 
 def _example_keys(seed: int, ids: torch.Tensor) -> torch.Tensor:
