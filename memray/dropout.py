@@ -42,26 +42,24 @@ def _i32(v: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-# lowbias32 as steps: ("xs", k, mask) is x ^= x >>> k (the mask makes int32's arithmetic shift
-# logical), ("mul", c) is x *= c mod 2**32.
-_LOWBIAS32 = (("xs", 16, 0xFFFF), ("mul", 0x7FEB352D), ("xs", 15, 0x1FFFF), ("mul", 0x846CA68B),
-              ("xs", 16, 0xFFFF))
-
-
 def _c(v: int) -> torch.Tensor:
     """An int32 0-dim (CPU scalar) tensor for constant v: in-place ops take it without converting
     a Python number on every call (a few microseconds each, in loops over chunks)."""
     return torch.tensor(_i32(v), dtype=torch.int32)
 
 
-_LOWBIAS32_T = tuple((op, *map(_c, arg)) for op, *arg in _LOWBIAS32)
+# lowbias32 as steps: ("xs", k, mask) is x ^= x >>> k (the mask makes int32's arithmetic shift
+# logical), ("mul", c) is x *= c mod 2**32.
+_LOWBIAS32 = tuple((op, *map(_c, arg)) for op, *arg in (
+    ("xs", 16, 0xFFFF), ("mul", 0x7FEB352D), ("xs", 15, 0x1FFFF), ("mul", 0x846CA68B), ("xs", 16, 0xFFFF)))
+_C8, _C24, _C31, _C255, _CR8 = map(_c, (8, 24, 31, 0xFF, 0x7FFFFF00))  # for `_draw_bytes_`
 
 
 def _hash32_(x: torch.Tensor, t: torch.Tensor | None = None, steps: slice = slice(None)) -> torch.Tensor:
     """lowbias32 (or the given slice of its steps) in place on an int32 tensor holding uint32 bit
     patterns. `t`: scratch of x's shape (allocated if None)."""
     t = torch.empty_like(x) if t is None else t
-    for op, *arg in _LOWBIAS32_T[steps]:
+    for op, *arg in _LOWBIAS32[steps]:
         if op == "mul":
             x *= arg[0]
         else:
@@ -129,8 +127,6 @@ def _draw_bytes_(x: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
     x ^= t
     return x
 
-
-_C8, _C24, _C31, _C255, _CR8 = map(_c, (8, 24, 31, 0xFF, 0x7FFFFF00))
 
 
 def _example_keys(seed: int, ids: torch.Tensor) -> torch.Tensor:
