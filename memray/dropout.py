@@ -226,12 +226,21 @@ class ExampleTiedDropout:
         self.mem = {s: site_units[s] - self.gen[s] for s in self.sites}
         self.total_mem = sum(self.mem.values())
         self.device = torch.device(device)
-        # Row layout: every unit of each chosen site in site order, generalization bits set, then
-        # padding to whole bytes: ceil(units / 8) bytes per example, so a batch's masks need no
-        # reassembly (see `example_masks`). Each site's bits are drawn as whole bytes
-        # (`draw_site_bytes`); when every site but the last has a multiple of 8 units (every
-        # architecture here at any width that is a multiple of 8) those bytes are the row as is.
-        nb = [(site_units[s] + 7) // 8 for s in self.sites]
+        self.packed = self._build_packed(n_examples, chunk)  # (N, ceil(units / 8)) uint8
+        self._slices, col = {}, 0
+        for s in self.sites:
+            self._slices[s] = (col, col + site_units[s])
+            col += site_units[s]
+        self._table = _byte_table(self.device)
+
+    def _build_packed(self, n_examples: int, chunk: int | None) -> torch.Tensor:
+        """(N, ceil(units / 8)) uint8 rows: every unit of each chosen site in site order,
+        generalization bits set, then padding to whole bytes, so a batch's masks need no
+        reassembly (see `example_masks`). Each site's bits are drawn as whole bytes (the bytes of
+        `draw_site_bytes`), `chunk` examples at a time; when every site but the last has a multiple
+        of 8 units (every architecture here at any width that is a multiple of 8) those bytes are
+        the row as is."""
+        nb = [(self.site_units[s] + 7) // 8 for s in self.sites]
         cols = [0, *itertools.accumulate(nb)]
         # bytes holding only generalization units are 0xFF whatever is drawn: draw the rest only
         first = [self.gen[s] // 8 for s in self.sites]
@@ -260,15 +269,10 @@ class ExampleTiedDropout:
             for a, b, da, db in runs:
                 packed[rows, a:b] = drawn[:, da:db]  # the cast keeps each word's low byte
         packed |= gen_bits  # sets the generalization bits, also in bytes that were not drawn
-        if any(site_units[s] % 8 for s in self.sites[:-1]):  # splice the sites' bits end to end
-            packed = pack_bits(torch.cat([unpack_bits(packed[:, a:b], site_units[s])
+        if any(self.site_units[s] % 8 for s in self.sites[:-1]):  # splice the sites' bits end to end
+            packed = pack_bits(torch.cat([unpack_bits(packed[:, a:b], self.site_units[s])
                                           for s, a, b in zip(self.sites, cols, cols[1:])], 1))
-        self.packed = packed  # (N, ceil(sum of chosen sites' units / 8)) uint8
-        self._slices, col = {}, 0
-        for s in self.sites:
-            self._slices[s] = (col, col + site_units[s])
-            col += site_units[s]
-        self._table = _byte_table(self.device)
+        return packed
 
     @property
     def state_bytes(self) -> int:
