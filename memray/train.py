@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from typing import Any
 
 import torch
@@ -46,7 +47,14 @@ def describe_device(device: torch.device) -> str:
 
 def set_deterministic() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        # Eager kernels read only this flag. The public call above also sets the compiler's flag,
+        # importing torch._inductor and torch._dynamo to do so: about 2 s in every trial worker
+        # process. memray never compiles; a caller that compiles after this imports torch._inductor
+        # first (then the branch above runs) or sets torch.use_deterministic_algorithms itself.
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
     # Deterministic mode also fills every new empty tensor with NaN (a guard against reading
     # uninitialized memory); nothing here reads it, and the fills cost a pass per allocation.
     torch.utils.deterministic.fill_uninitialized_memory = False

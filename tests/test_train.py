@@ -1,4 +1,7 @@
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -85,3 +88,25 @@ def test_plain_mlp_memorizes_digits_noise(digits):
     assert f["plain/train_noisy/accuracy"] >= 0.95
     assert f["plain/test/accuracy"] >= 0.85
     assert f["plain/train_clean/accuracy"] == 1.0
+
+
+def test_deterministic_mode_without_importing_the_compiler():
+    """set_deterministic turns on deterministic eager kernels (warn-only) without the ~2 s import of
+    torch._inductor/_dynamo that torch.use_deterministic_algorithms does; with the compiler already
+    imported it sets the compiler's flag too."""
+    code = """
+import sys, torch
+from memray.train import set_deterministic
+assert not torch.are_deterministic_algorithms_enabled()
+set_deterministic()
+out = [torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+       "torch._inductor" in sys.modules, "torch._dynamo" in sys.modules]
+import torch._inductor.config as ic
+ic.deterministic = False
+set_deterministic()
+out.append(ic.deterministic)
+print(out)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[True, True, False, False, True]"
