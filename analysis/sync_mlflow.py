@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from memray.mlflow_view import MlflowView, default_uri
+from memray.mlflow_view import MlflowView
+from memray.tables import default_mlflow_uri
 
 from .store import StoreError, open_store
 
@@ -50,11 +51,10 @@ def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: 
             by_epoch: dict[int, dict[str, float]] = {}
             for r in evals:
                 by_epoch.setdefault(int(r["epoch"]), {})[f"{r['mode']}/{r['subset']}/accuracy"] = r["accuracy"]
-            for epoch, metrics in sorted(by_epoch.items()):
-                view.log_metrics(run_id, metrics, step=epoch)
             if by_epoch and t["status"] == "done":
                 last = max(by_epoch)
-                view.log_metrics(run_id, {f"final/{k}": v for k, v in by_epoch[last].items()}, step=last)
+                by_epoch[last] = {**by_epoch[last], **{f"final/{k}": v for k, v in by_epoch[last].items()}}
+            view.log_metrics(run_id, by_epoch)
             view.log_figures(run_id, results, t["trial_key"])
             view.client.set_terminated(run_id, {"done": "FINISHED", "failed": "FAILED"}.get(t["status"], "KILLED"))
         out[sweep] = len(trials)
@@ -63,7 +63,7 @@ def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    uri = args.mlflow_uri or default_uri(args.results_dir)
+    uri = args.mlflow_uri or default_mlflow_uri(args.results_dir)
     try:
         done = sync(args.results_dir, uri, args.sweep, args.skip_corrupt)
     except StoreError as e:

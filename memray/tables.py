@@ -129,3 +129,11 @@ def read_bytes(results: str, relpath: str) -> bytes:
 def exists(results: str, relpath: str) -> bool:
     fs, base = filesystem(results)
     return fs.get_file_info(f"{base}/{relpath}").type != pafs.FileType.NotFound
+
+
+def default_mlflow_uri(results: str) -> str:
+    """`sqlite:///<results>/mlflow.db` for a local results dir; `sqlite:///mlflow.db` in the working
+    directory for a URI results dir (on a cluster, pass the head's server instead)."""
+    if "://" in results:
+        return "sqlite:///mlflow.db"
+    return f"sqlite:///{os.path.abspath(results)}/mlflow.db"
