@@ -95,7 +95,7 @@ def check_resume(args, configs: list[ExperimentConfig] | None = None, spec: dict
                          if spec.get(k) != (stored.get("spec") or {}).get(k))
         raise UsageError(f"sweep {args.name!r} under {args.results_dir} was run with a different search "
                          f"(differs in: {', '.join(changed)}); use the same flags to resume, or a new --name")
-    uri = args.mlflow_uri or default_mlflow_uri(args.results_dir)
+    uri = args.mlflow_uri or tables.default_mlflow_uri(args.results_dir)
     if args.resume and stored.get("mlflow_uri") not in (None, uri):
         raise UsageError(f"--mlflow-uri={uri!r} is invalid with --resume: sweep {args.name!r} logs to "
                          f"{stored['mlflow_uri']!r} (a resumed sweep keeps its tracking store; "
@@ -129,12 +129,6 @@ def git_sha() -> str:
         return ""
 
 
-def default_mlflow_uri(results: str) -> str:
-    from memray.mlflow_view import default_uri
-
-    return default_uri(results)
-
-
 def print_dry_run(configs: list[ExperimentConfig], args, pgf_bundles) -> None:
     print(f"{len(configs)} trials for sweep {args.name!r}; resources per trial: {pgf_bundles}")
     for c in configs:
@@ -154,8 +148,13 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
     # Per-epoch checkpoints with num_to_keep force frequent experiment-state snapshots; they are
     # cheap here (a few ms of driver time each), so Tune's warning about them is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's JSON and CSV result logs stay (each trial's folder under <results>/ray); its TensorBoard
+    # logger does not: MLflow is the UI here, and TensorBoard events took about 5 s of the driver's
+    # CPU in a default sweep (2 s of it in the result callbacks every per-epoch report waits on).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     import ray
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from trainables.callbacks import MlflowLogger, TrialsTable
     from trainables.trial import exp_dict, resources, train_trial
@@ -170,7 +169,7 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
     tables.write_bytes(args.results_dir, grid_file(args.results_dir, args.name), json.dumps(
         {"trial_keys": [c.trial_key for c in configs] if configs is not None else None, "spec": spec,
          "preset": preset, "run_id": run_id,
-         "mlflow_uri": args.mlflow_uri or default_mlflow_uri(args.results_dir)}).encode())
+         "mlflow_uri": args.mlflow_uri or tables.default_mlflow_uri(args.results_dir)}).encode())
     sweep_row = {"sweep": args.name, "started_at": started, "finished_at": None, "command": " ".join(sys.argv),
                  "preset": preset, "n_trials": n_trials, "git_sha": git_sha(), "ray_address": args.address or "local"}
     tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
@@ -186,7 +185,8 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
              "analysis_workers": args.analysis_workers, "run_id": run_id, "objective": objective}
     callbacks = [TrialsTable(args.results_dir, args.name),
-                 MlflowLogger(args.mlflow_uri or default_mlflow_uri(args.results_dir), args.name, args.results_dir)]
+                 MlflowLogger(args.mlflow_uri or tables.default_mlflow_uri(args.results_dir), args.name, args.results_dir),
+                 JsonLoggerCallback(), CSVLoggerCallback()]
     columns = {"epoch": "ep", "own/train_noisy/accuracy": "own_noisy", "drop/train_noisy/accuracy": "drop_noisy",
                "drop/test/accuracy": "drop_test", "plain/train_noisy/accuracy": "plain_noisy",
                "plain/test/accuracy": "plain_test"}
@@ -278,7 +278,7 @@ def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, s
             failures.append((c.trial_key, errors.get(c.trial_key, "error (no details recorded)")))
     for key, err in failures:
         print(f"FAILED {key}: {err}")
-    uri = args.mlflow_uri or default_mlflow_uri(args.results_dir)
+    uri = args.mlflow_uri or tables.default_mlflow_uri(args.results_dir)
     print(f"\nTables:     {args.results_dir}/tables/<table>/sweep={args.name}/")
     print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     print(f"Query:      python -m analysis.query --results-dir {args.results_dir} "
