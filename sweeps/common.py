@@ -208,7 +208,7 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
                                    storage_filesystem=remote_fs)
     else:
         # Trainable actors are reused between trials (no process start and torch import per trial);
-        # so are their analysis actors (trainables.trial).
+        # so are their analysis actors (trainables.run).
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
                            tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search_alg,
                                                        num_samples=num_samples or 1, metric=metric, mode=mode,

@@ -14,7 +14,7 @@ import itertools
 import sys
 
 from memray.config import ANALYSES, ConfigError, ExperimentConfig
-from memray.data import DatasetMissing, prepare
+from memray.sources import DatasetMissing, default_data_dir, prepare
 
 from .common import (
     UsageError,
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
             return 0
         run_id = check_resume(args, configs)
         for ds in sorted({c.data.dataset for c in configs}):
-            prepare(ds, args.data_dir or _default_dir(), download=args.download)
+            prepare(ds, args.data_dir or default_data_dir(), download=args.download)
     except (UsageError, ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -125,12 +125,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return launch(args, configs, args.preset, resume_run_id=run_id)
-
-
-def _default_dir():
-    from memray.data import default_data_dir
-
-    return default_data_dir()
 
 
 if __name__ == "__main__":

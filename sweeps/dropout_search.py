@@ -19,8 +19,8 @@ import argparse
 import sys
 
 from memray.config import ANALYSES, ARCHS, DATASETS, ConfigError, ExperimentConfig
-from memray.data import DatasetMissing, prepare
 from memray.objectives import OBJECTIVES
+from memray.sources import DatasetMissing, default_data_dir, prepare
 
 from .common import UsageError, add_runtime_flags, check_resume, check_runtime, launch, split_list
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             print(f"  base: {ExperimentConfig.from_dict(base).canonical_json()}")
             return 0
         run_id = check_resume(args, spec=spec)
-        prepare(args.dataset, args.data_dir or _default_dir(), download=args.download)
+        prepare(args.dataset, args.data_dir or default_data_dir(), download=args.download)
     except (UsageError, ConfigError, ValueError, DatasetMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,12 +133,6 @@ def main(argv=None) -> int:
     return launch(args, None, "search", scheduler=scheduler, search_alg=searcher, num_samples=args.num_samples,
                   search_space=search_space(ranges), base_exp=base, spec=spec, objective=args.objective,
                   metric="objective", mode="max", resume_run_id=run_id)
-
-
-def _default_dir():
-    from memray.data import default_data_dir
-
-    return default_data_dir()
 
 
 if __name__ == "__main__":

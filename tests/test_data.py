@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from memray import data as D
+from memray import sources
 from memray.config import DataConfig
 
 
@@ -78,7 +79,7 @@ def _write_idx(root, prefix, n, rng):
 def _no_md5(name):
     import torchvision.datasets as tvd
 
-    base = getattr(tvd, D.TORCHVISION[name][0])
+    base = getattr(tvd, sources.TORCHVISION[name][0])
     attrs = {"_check_integrity": lambda self: True}  # MD5 sums of the real files cannot match
     if hasattr(base, "meta"):
         attrs["meta"] = {**base.meta, "md5": None}  # existence only
@@ -106,7 +107,7 @@ def test_cifar_pickles_load(tmp_path, monkeypatch):
             pickle.dump(entry, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
-    monkeypatch.setitem(D.TORCHVISION_CLASSES, "cifar10", _no_md5("cifar10"))
+    monkeypatch.setitem(sources.TORCHVISION_CLASSES, "cifar10", _no_md5("cifar10"))
     d = D.load_data(DataConfig(dataset="cifar10", noise_rate=0.0), data_dir=tmp_path)
     assert d.x_train.shape == (30, 3, 32, 32) and d.x_test.shape == (6, 3, 32, 32)
     assert d.y_train[:6].tolist() == [int(v) for v in labels["data_batch_1"]]
@@ -122,7 +123,7 @@ def test_cifar100_pickles_load(tmp_path, monkeypatch):
                          "fine_labels": list(rng.integers(0, 100, n))}, f)
     with open(folder / "meta", "wb") as f:
         pickle.dump({"fine_label_names": [str(i) for i in range(100)]}, f)
-    monkeypatch.setitem(D.TORCHVISION_CLASSES, "cifar100", _no_md5("cifar100"))
+    monkeypatch.setitem(sources.TORCHVISION_CLASSES, "cifar100", _no_md5("cifar100"))
     d = D.load_data(DataConfig(dataset="cifar100", noise_rate=0.25), data_dir=tmp_path)
     assert d.num_classes == 100 and d.x_train.shape == (12, 3, 32, 32) and d.noise_mask.sum() == 3
 
@@ -135,14 +136,14 @@ def test_svhn_mat_files_load(tmp_path, monkeypatch):
         y = rng.integers(1, 11, (n, 1))
         scipy.io.savemat(tmp_path / f"{split}_32x32.mat",
                          {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8), "y": y})
-    monkeypatch.setitem(D.TORCHVISION_CLASSES, "svhn", _no_md5("svhn"))
+    monkeypatch.setitem(sources.TORCHVISION_CLASSES, "svhn", _no_md5("svhn"))
     d = D.load_data(DataConfig(dataset="svhn", noise_rate=0.0), data_dir=tmp_path)
     assert d.x_train.shape == (10, 3, 32, 32) and d.x_test.shape == (5, 3, 32, 32)
     assert d.y_train.max() <= 9  # label 10 means digit 0
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
-    with pytest.raises(D.DatasetMissing) as e:
+    with pytest.raises(sources.DatasetMissing) as e:
         D.load_data(DataConfig(dataset="cifar10"), data_dir=tmp_path)
     msg = str(e.value)
     assert "dataset 'cifar10' not found under" in msg and str(tmp_path) in msg
