@@ -4,12 +4,13 @@ Experiment = sweep name. One parent run per sweep (tag `memray.role=sweep`), reu
 invocation of that sweep; one child run per trial, nested under it (`mlflow.parentRunId`), tagged
 `trial_key`, likewise reused: a run is never duplicated. Params: the flattened trial config.
 Metrics: `<mode>/<subset>/accuracy` with step = epoch, plus `final/...`. Artifacts: the trial's
-figures from the results store.
+figures from the results store, kept in `mlartifacts/` beside a SQLite store's database.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -18,12 +19,24 @@ from . import tables
 from .config import ExperimentConfig
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: for a SQLite store, `mlartifacts/` beside its database
+    file (for the default store, `<results>/mlartifacts/`), whatever the working directory (MLflow's
+    own default there is `./mlruns` in it). Other stores (a tracking server) decide themselves."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):]  # "/abs/mlflow.db" (sqlite:////abs/...) or "rel/mlflow.db"
+    return Path(os.path.abspath(os.path.dirname(db) or "."), "mlartifacts").as_uri()
+
+
 class MlflowView:
     def __init__(self, uri: str, sweep: str):
         self.client = MlflowClient(tracking_uri=uri)
         self.sweep = sweep
         exp = self.client.get_experiment_by_name(sweep)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(sweep)
+        root = artifact_root(uri)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            sweep, artifact_location=f"{root}/{sweep}" if root else None)
         found = self.client.search_runs([self.experiment_id], "tags.`memray.role` = 'sweep'", max_results=1)
         if found:
             self.parent_id = found[0].info.run_id

@@ -63,3 +63,14 @@ def test_mlflow_logger_batches_epochs_and_flushes_before_closing(tmp_path):
     assert [(m.step, round(m.value, 6)) for m in sorted(hist, key=lambda m: m.step)] == \
         [(e, round(0.1 * e, 6)) for e in range(1, 8)]
     assert run.data.metrics["final/drop/train_noisy/accuracy"] == 0.07
+
+
+def test_artifacts_go_beside_a_sqlite_store_whatever_the_working_directory(tmp_path, monkeypatch):
+    from memray.mlflow_view import artifact_root
+    from memray.tables import default_mlflow_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert artifact_root(default_mlflow_uri("/data/results")) == "file:///data/results/mlartifacts"
+    assert artifact_root("sqlite:///mlflow.db") == f"file://{tmp_path}/mlartifacts"
+    assert artifact_root("sqlite:///sub/m.db") == f"file://{tmp_path}/sub/mlartifacts"
+    assert artifact_root("http://127.0.0.1:5000") is None

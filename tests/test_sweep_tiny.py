@@ -60,6 +60,9 @@ print(json.dumps({{"parents": len(parents), "children": len(children), "artifact
     assert out == {"parents": 1, "children": 2, "parent_ok": True, "steps": [1, 2, 3],
                    "artifacts": ["figures/flips.png", "figures/gradients.png", "figures/retraining.png",
                                  "figures/rewinding.png"]}
+    # the artifacts live in the results store beside mlflow.db, not in the working directory
+    assert len(list((results / "mlartifacts" / "t1").glob("*/artifacts/figures/*.png"))) == 2 * 4
+    assert not (results.parent / "mlruns").exists()
 
 
 def test_bad_input_exits_2_before_anything(tmp_path):
