@@ -57,6 +57,7 @@ def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: 
             view.log_metrics(run_id, by_epoch)
             view.log_figures(run_id, results, t["trial_key"])
             view.client.set_terminated(run_id, {"done": "FINISHED", "failed": "FAILED"}.get(t["status"], "KILLED"))
+        view.close("FAILED" if any(t["status"] == "failed" for t in trials) else "FINISHED")
         out[sweep] = len(trials)
     return out
 

@@ -40,6 +40,7 @@ class MlflowView:
         found = self.client.search_runs([self.experiment_id], "tags.`memray.role` = 'sweep'", max_results=1)
         if found:
             self.parent_id = found[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")  # this invocation runs it again
         else:
             self.parent_id = self.client.create_run(self.experiment_id, run_name=sweep,
                                                     tags={"memray.role": "sweep"}).info.run_id
@@ -59,6 +60,10 @@ class MlflowView:
             self.client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(flat.items())])
         self._children[trial_key] = run_id
         return run_id
+
+    def close(self, status: str) -> None:
+        """End the sweep's parent run: FINISHED, or FAILED when a trial failed."""
+        self.client.set_terminated(self.parent_id, status)
 
     MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
 

@@ -177,13 +177,14 @@ kids = [r for r in runs if r.data.tags.get("memray.role") == "trial"]
 done = next(r for r in kids if r.info.status == "FINISHED")
 print(json.dumps({{"roles": sorted(r.data.tags.get("memray.role") for r in runs),
                    "status": sorted(r.info.status for r in kids),
+                   "parent": [r.info.status for r in runs if r.data.tags.get("memray.role") == "sweep"],
                    "steps": sorted(m.step for m in c.get_metric_history(done.info.run_id, "plain/test/accuracy")
                                    ) if "plain/test/accuracy" in done.data.metrics else
                             sorted(m.step for m in c.get_metric_history(done.info.run_id, "drop/test/accuracy"))}}))
 """
     got = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     assert got == {"roles": ["sweep"] + ["trial"] * 4, "status": ["FAILED", "FAILED", "FINISHED", "FINISHED"],
-                   "steps": [1, 2, 3]}
+                   "parent": ["FAILED"], "steps": [1, 2, 3]}
 
 
 def test_resume_with_a_changed_grid_is_refused_and_changes_nothing(tmp_path):

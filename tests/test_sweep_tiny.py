@@ -53,11 +53,12 @@ c = mlflow.MlflowClient()
 hist = c.get_metric_history(children[0].info.run_id, next(k for k in children[0].data.metrics if k.endswith("train_clean/accuracy") and not k.startswith("final")))
 arts = sorted(a.path for a in c.list_artifacts(children[0].info.run_id, "figures"))
 print(json.dumps({{"parents": len(parents), "children": len(children), "artifacts": arts,
+  "status": sorted({{r.info.status for r in runs}}),
   "parent_ok": all(ch.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for ch in children),
   "steps": sorted(m.step for m in hist)}}))
 """
     out = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    assert out == {"parents": 1, "children": 2, "parent_ok": True, "steps": [1, 2, 3],
+    assert out == {"parents": 1, "children": 2, "parent_ok": True, "steps": [1, 2, 3], "status": ["FINISHED"],
                    "artifacts": ["figures/flips.png", "figures/gradients.png", "figures/retraining.png",
                                  "figures/rewinding.png"]}
     # the artifacts live in the results store beside mlflow.db, not in the working directory

@@ -141,6 +141,8 @@ class MlflowLogger(tune.Callback):
         self._submit(self._setup)
 
     def on_experiment_end(self, trials, **info):
+        failed = any(t.status == t.ERROR for t in trials)
+        self._submit(lambda: self.view.close("FAILED" if failed else "FINISHED"))
         self.drain()
 
     @classmethod
