@@ -30,6 +30,8 @@ def artifact_root(uri: str) -> str | None:
 
 
 class MlflowView:
+    MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
+
     def __init__(self, uri: str, sweep: str):
         self.client = MlflowClient(tracking_uri=uri)
         self.sweep = sweep
@@ -64,8 +66,6 @@ class MlflowView:
     def close(self, status: str) -> None:
         """End the sweep's parent run: FINISHED, or FAILED when a trial failed."""
         self.client.set_terminated(self.parent_id, status)
-
-    MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
 
     def log_metrics(self, run_id: str, by_step: dict[int, dict[str, float]]) -> None:
         """Log {step: {name: value}} in as few log_batch calls as MLflow allows (one store write

@@ -141,8 +141,7 @@ class MlflowLogger(tune.Callback):
         self._submit(self._setup)
 
     def on_experiment_end(self, trials, **info):
-        failed = any(t.status == t.ERROR for t in trials)
-        self._submit(lambda: self.view.close("FAILED" if failed else "FINISHED"))
+        self._submit(self._close, "FAILED" if any(t.status == t.ERROR for t in trials) else "FINISHED")
         self.drain()
 
     @classmethod
@@ -165,15 +164,14 @@ class MlflowLogger(tune.Callback):
 
     def _collect(self, exp, result):
         key = result.get("trial_key") or ExperimentConfig.from_dict(exp).trial_key
+        accs = {k: v for k, v in result.items() if (_ACC.match(k) or k == "objective") and isinstance(v, float)}
         metrics = {}
         if result.get("phase") == "train":
-            metrics = {k: v for k, v in result.items()
-                       if (_ACC.match(k) or k == "objective") and isinstance(v, float)}
+            metrics = accs
         elif result.get("phase") == "done":
-            last = {k: v for k, v in result.items() if (_ACC.match(k) or k == "objective") and isinstance(v, float)}
-            metrics = {f"final/{k}": v for k, v in last.items()}
+            metrics = {f"final/{k}": v for k, v in accs.items()}
             if result.get("objective") is not None:  # a search trial's last epoch came only here
-                metrics.update(last)
+                metrics.update(accs)
         by_step = self.pending.setdefault(key, (exp, {}))[1]
         by_step.setdefault(int(result["epoch"]), {}).update(metrics)
 
@@ -189,6 +187,9 @@ class MlflowLogger(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._submit(self._finish, exp_dict(trial.config), "FAILED")
+
+    def _close(self, status):
+        self.view.close(status)
 
     def _finish(self, exp, status):
         key = ExperimentConfig.from_dict(exp).trial_key

@@ -1,12 +1,12 @@
 """The trial itself: train with memray, then analyse over an actor pool (Ray Tune calls it through
 `trainables.trial.train_trial`).
 
-Resources (`trainables.trial.resources`): a trial's placement group has bundle 0 for this trainable and one
-bundle per analysis worker, the trial's CPUs (and GPUs) split evenly. Training and analysis are
-phases, so each uses all of them: on a 2-core laptop with `--cpus-per-trial 1` two trials run at
-once, each training on one core and then analysing on it. The analysis actors are started when
-the trial starts (their start-up overlaps training) and, like the trainable actor itself (Tune's
-`reuse_actors`), are kept for the next trial this process runs.
+Resources (`trainables.trial.resources`): a trial's placement group has bundle 0 for this
+trainable and one bundle per analysis worker, the trial's CPUs (and GPUs) split evenly. Training
+and analysis are phases, so each uses all of them: on a 2-core laptop with `--cpus-per-trial 1`
+two trials run at once, each training on one core and then analysing on it. The analysis actors
+are started when the trial starts (their start-up overlaps training) and, like the trainable actor
+itself (Tune's `reuse_actors`), are kept for the next trial this process runs.
 
 Fault tolerance is Tune's: each epoch reports a checkpoint (model, optimiser, schedule, RNG,
 history, gradient rows; the latest few are kept), weight snapshots are written once each to the
