@@ -128,7 +128,6 @@ def _draw_bytes_(x: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
     return x
 
 
-
 def _example_keys(seed: int, ids: torch.Tensor) -> torch.Tensor:
     """(B,) int32: each example's hashed id under the mask seed."""
     base = int(hash32(torch.tensor([(seed * 0x9E3779B1) & _M32]))[0])

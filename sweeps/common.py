@@ -59,6 +59,7 @@ def check_runtime(args) -> None:
         args.results_dir = os.path.abspath(args.results_dir)
     if args.data_dir is not None and "://" not in args.data_dir:
         args.data_dir = os.path.abspath(args.data_dir)
+    args.mlflow_uri = args.mlflow_uri or tables.default_mlflow_uri(args.results_dir)
     if args.max_failures < 0:
         raise UsageError(f"--max-failures={args.max_failures} is invalid: an integer >= 0")
     if args.cpus_per_trial <= 0:
@@ -95,7 +96,7 @@ def check_resume(args, configs: list[ExperimentConfig] | None = None, spec: dict
                          if spec.get(k) != (stored.get("spec") or {}).get(k))
         raise UsageError(f"sweep {args.name!r} under {args.results_dir} was run with a different search "
                          f"(differs in: {', '.join(changed)}); use the same flags to resume, or a new --name")
-    uri = args.mlflow_uri or tables.default_mlflow_uri(args.results_dir)
+    uri = args.mlflow_uri  # resolved by check_runtime
     if args.resume and stored.get("mlflow_uri") not in (None, uri):
         raise UsageError(f"--mlflow-uri={uri!r} is invalid with --resume: sweep {args.name!r} logs to "
                          f"{stored['mlflow_uri']!r} (a resumed sweep keeps its tracking store; "
@@ -169,7 +170,7 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
     tables.write_bytes(args.results_dir, grid_file(args.results_dir, args.name), json.dumps(
         {"trial_keys": [c.trial_key for c in configs] if configs is not None else None, "spec": spec,
          "preset": preset, "run_id": run_id,
-         "mlflow_uri": args.mlflow_uri or tables.default_mlflow_uri(args.results_dir)}).encode())
+         "mlflow_uri": args.mlflow_uri}).encode())
     sweep_row = {"sweep": args.name, "started_at": started, "finished_at": None, "command": " ".join(sys.argv),
                  "preset": preset, "n_trials": n_trials, "git_sha": git_sha(), "ray_address": args.address or "local"}
     tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
@@ -185,7 +186,7 @@ def launch(args, configs: list[ExperimentConfig] | None, preset: str, scheduler=
              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
              "analysis_workers": args.analysis_workers, "run_id": run_id, "objective": objective}
     callbacks = [TrialsTable(args.results_dir, args.name),
-                 MlflowLogger(args.mlflow_uri or tables.default_mlflow_uri(args.results_dir), args.name, args.results_dir),
+                 MlflowLogger(args.mlflow_uri, args.name, args.results_dir),
                  JsonLoggerCallback(), CSVLoggerCallback()]
     columns = {"epoch": "ep", "own/train_noisy/accuracy": "own_noisy", "drop/train_noisy/accuracy": "drop_noisy",
                "drop/test/accuracy": "drop_test", "plain/train_noisy/accuracy": "plain_noisy",
@@ -278,7 +279,7 @@ def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, s
             failures.append((c.trial_key, errors.get(c.trial_key, "error (no details recorded)")))
     for key, err in failures:
         print(f"FAILED {key}: {err}")
-    uri = args.mlflow_uri or tables.default_mlflow_uri(args.results_dir)
+    uri = args.mlflow_uri  # resolved by check_runtime
     print(f"\nTables:     {args.results_dir}/tables/<table>/sweep={args.name}/")
     print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     print(f"Query:      python -m analysis.query --results-dir {args.results_dir} "
