@@ -25,9 +25,11 @@ import sys
 from collections import defaultdict
 from typing import Any
 
-from memray import findings, plots
+from memray import plots
 from memray.config import ExperimentConfig
+from memray.tables import write_local
 
+from . import findings
 from .store import Store, open_for_cli
 
 Entry = dict[str, Any]  # finding, cell, paper, measured, verdict, criterion
@@ -239,11 +241,7 @@ def main(argv=None) -> int:
               f"{args.results_dir}: {known}", file=sys.stderr)
         return 2
     page, entries, n_fig = build(store, sweeps)
-    os.makedirs(args.out, exist_ok=True)
-    tmp = os.path.join(args.out, f".index.html.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(page)
-    os.replace(tmp, os.path.join(args.out, "index.html"))
+    write_local(os.path.join(args.out, "index.html"), page.encode())
     agree = sum(e["verdict"] == "agree" for v in entries.values() for e in v)
     total = sum(len(v) for v in entries.values())
     print(f"wrote {os.path.join(args.out, 'index.html')}: {len(sweeps)} sweep(s), {n_fig} figures, "

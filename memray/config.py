@@ -28,6 +28,24 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
 ANALYSES = ("gradients", "rewind", "retrain", "flip")
 DEFAULT_WIDTH = {"mlp": 512, "lenet": 16, "resnet9": 16, "resnet50": 64, "vit_small": 64}
+# Evaluation modes (EXPERIMENTS.md section 5: `plain` without ETD; `own`, `all`, `drop` with it) and
+# subsets: the `evals` table's `mode` and `subset` values. Metric names are `metric_key(mode, subset)`.
+MODES = ("plain", "own", "all", "drop")
+ETD_MODES = ("own", "all", "drop")
+SUBSETS = ("train_clean", "train_noisy", "train_noisy_true", "test")
+
+
+def metric_key(mode: str, subset: str) -> str:
+    """The name of an accuracy metric in Tune results, MLflow and the sweep summary."""
+    return f"{mode}/{subset}/accuracy"
+
+
+def parse_metric_key(key: str) -> tuple[str, str] | None:
+    """(mode, subset) of an accuracy metric name, or None for any other name."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] in MODES and parts[1] in SUBSETS and parts[2] == "accuracy":
+        return parts[0], parts[1]
+    return None
 
 
 class ConfigError(ValueError):

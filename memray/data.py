@@ -16,6 +16,7 @@ The torchvision datasets' files (data dir, `--download`) are `memray.sources`.
 from __future__ import annotations
 
 import functools
+import io
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 
 from .config import DataConfig
 from .sources import TORCHVISION, _open_tv, default_data_dir, prepare
+from .tables import write_local
 
 DIGITS_SPLIT_SEED = 0  # the fixed 1,400 / 397 split of scikit-learn's digits
 DIGITS_N_TRAIN = 1400
@@ -103,10 +105,9 @@ def _mnist1d_arrays() -> dict[str, np.ndarray]:
 
     d = make_dataset(get_dataset_args())  # 5,000 signals, 80/20 split, the package's fixed seed
     d = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **d)
-    os.replace(tmp, cache)
+    buf = io.BytesIO()
+    np.savez(buf, **d)
+    write_local(cache, buf.getvalue())
     return d
 
 

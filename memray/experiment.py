@@ -1,28 +1,54 @@
-"""A whole trial without Ray: train, then run the configured analyses as independent work items.
+"""The trial: train from a config (resuming from a saved state), run its analyses through any
+map-like executor, and write its table rows and figures. Everything a trial is lives here; the
+Ray Tune trainable (`trainables.trial`) only adapts it: it restores from Tune's checkpoint,
+reports each epoch, and hands the analyses to the trial's actors.
 
-`AnalysisRunner` holds one trained model, its data and weight snapshots, and runs work items
-(`("rewind", group, epoch)`, `("retrain", group)`, `("flip", method, start, stop)` over the
-trial's flip targets) returning rows for their table. The Ray layer
-spreads the same items over a pool of actors that each build one runner; `run_trial` runs them in
-order in this process (the sequential baseline, and what tests use).
+    trial = Trial(cfg, store)            # store: memray.tables.TrialStore (None: keep rows in memory)
+    trial.restore(state_file)            # optional: continue a saved trial
+    for metrics in trial.epochs():       # one epoch each; weight snapshots go to the store once each
+        trial.save(state_file)           # a resume state after every epoch
+    final = trial.finish(executor)       # analyses, tables, figures; the final metrics
+
+Analyses are independent work items (`("rewind", group, epoch)`, `("retrain", group)`,
+`("flip", method, start, stop)` over the trial's flip targets). An executor takes an
+`AnalysisJob` (the config, the trained weights, the snapshots and the items) and returns every
+item's `(table, rows)`: `run_here` builds one `AnalysisRunner` in this process and maps it over
+the items (the sequential baseline, and what tests use); the sweep spreads the same items over a
+pool of actors that each build a runner. Rows are put in one order before they are written,
+whatever order the executor returns them in, so every executor writes the same tables.
 """
 from __future__ import annotations
 
+import io
 import time
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from . import plots
 from .config import ExperimentConfig
 from .data import Data, load_data
 from .dropout import ExampleTiedDropout
 from .models import build_model
+from .objectives import objective as objective_value
 from .probes.flips import flip_rows, select_targets
 from .probes.retraining import retrain_item
 from .probes.rewinding import rewind_item
-from .train import Trainer, pick_device
+from .summary import epoch_metrics, final_metrics, flip_summary
+from .tables import TrialStore
+from .train import Diverged, Trainer, load_state, pick_device, save_state
 
 WorkItem = tuple
+Rows = list[dict[str, Any]]
+# analysis name -> its table (ARCHITECTURE.md), and each table's row order
+ANALYSIS_TABLES = {"rewind": "rewinding", "retrain": "retraining", "flip": "flips"}
+ROW_ORDER: dict[str, Callable[[dict], tuple]] = {
+    "rewinding": lambda r: (r["layer_index"], r["rewind_epoch"], r["subset"]),
+    "retraining": lambda r: (r["layer_index"], r["rewind_epoch"], r["subset"]),
+    "flips": lambda r: (r["method"], not r["is_noisy"], r["example_id"]),
+}
 
 
 def analysis_items(cfg: ExperimentConfig, n_groups: int, snapshot_epochs: list[int], has_noise: bool) -> list[WorkItem]:
@@ -51,7 +77,10 @@ def skipped_analyses(cfg: ExperimentConfig, data: Data) -> dict[str, str]:
     return out
 
 
+# ----------------------------------------------------------------------------- analyses
 class AnalysisRunner:
+    """One trained model, its data and weight snapshots: runs work items, returning rows."""
+
     def __init__(self, cfg: ExperimentConfig, model_state: dict[str, torch.Tensor],
                  snapshots: dict[int, dict[str, torch.Tensor]], data: Data | None = None,
                  device: torch.device | str | None = None, data_dir=None):
@@ -68,7 +97,7 @@ class AnalysisRunner:
                     if cfg.dropout.kind == "example_tied" else None)
         self._flip_targets: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def run(self, item: WorkItem) -> tuple[str, list[dict[str, Any]]]:
+    def run(self, item: WorkItem) -> tuple[str, Rows]:
         kind = item[0]
         if kind == "rewind":
             _, g, e = item
@@ -104,19 +133,182 @@ class AnalysisRunner:
         return self._flip_targets
 
 
+@dataclass
+class AnalysisJob:
+    """What an executor needs to run a trial's analyses anywhere: plain dicts and tensors."""
+
+    exp: dict[str, Any]  # the config, ExperimentConfig.to_dict()
+    model_state: dict[str, torch.Tensor]
+    snapshots: dict[int, dict[str, torch.Tensor]]
+    items: list[WorkItem] = field(default_factory=list)
+
+
+Executor = Callable[[AnalysisJob], Iterable[tuple[str, Rows]]]
+
+
+def run_here(job: AnalysisJob, data: Data | None = None, device=None) -> list[tuple[str, Rows]]:
+    """The in-process executor: one runner, the items in order."""
+    runner = AnalysisRunner(ExperimentConfig.from_dict(job.exp), job.model_state, job.snapshots, data, device)
+    return list(map(runner.run, job.items))
+
+
+# ----------------------------------------------------------------------------- the trial
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(b: bytes) -> Any:
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+
+
+class Trial:
+    """One trial of a sweep: `epochs()` trains, `finish()` analyses and writes (see the module doc).
+
+    `objective` (a search's, memray.objectives) is added to every epoch's metrics; a search trial
+    also keeps its `evals` fragment current every epoch (an early-stopping scheduler may end it at
+    any report), and its last epoch's metrics come only with `finish()`'s, after the analyses."""
+
+    def __init__(self, cfg: ExperimentConfig, store: TrialStore | None = None, data: Data | None = None,
+                 device: torch.device | str | None = None, data_dir=None, objective: str | None = None):
+        self.t0 = time.time()
+        self.timings: dict[str, float] = {}  # seconds per phase: setup, train, analyses, write
+        self.cfg, self.store, self.objective = cfg, store, objective
+        self.device = torch.device(device) if device is not None else pick_device()
+        self.data = data if data is not None else load_data(cfg.data, data_dir, device=self.device)
+        self.trainer = Trainer(cfg, self.data, self.device)
+        self.restored_from = 0
+        self._stored: set[int] = set()  # snapshot epochs already in the store
+        self.tables: dict[str, Rows] = {}  # after finish(): every table the trial wrote
+        self.timings["setup"] = time.time() - self.t0
+
+    def timed(self, phase: str, t_start: float) -> None:
+        """Add the seconds since `t_start` (time.perf_counter()) to `phase`."""
+        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t_start
+
+    @property
+    def key(self) -> str:
+        return self.cfg.trial_key
+
+    @property
+    def epoch(self) -> int:
+        return self.trainer.epoch
+
+    @property
+    def wall_s(self) -> float:
+        return time.time() - self.t0
+
+    # -- resume -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """The resume state (model, optimiser, schedule, RNG, history; snapshots by reference)."""
+        state = self.trainer.state_dict()
+        state["wall_s"] = self.wall_s
+        save_state(state, path)
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a state `save` wrote; its snapshots are read back from the store."""
+        state = load_state(path)
+        snaps = {e: _from_bytes(self.store.read_snapshot(e)) for e in state["snapshot_epochs"]}
+        self.trainer.load_state_dict(state, snaps)
+        self._stored = set(snaps)
+        self.t0 -= float(state.get("wall_s", 0.0))
+        self.restored_from = self.trainer.epoch
+
+    def _store_snapshots(self) -> None:
+        if self.store is None:
+            return
+        for e in sorted(set(self.trainer.snapshots) - self._stored):
+            self.store.write_snapshot(e, _to_bytes(self.trainer.snapshots[e]))
+            self._stored.add(e)
+
+    # -- training ---------------------------------------------------------------------------
+    def epochs(self) -> Iterator[dict[str, float]]:
+        """Train to the last epoch, yielding each epoch's accuracy metrics (and objective)."""
+        tr, last = self.trainer, self.cfg.optim.epochs
+        self._store_snapshots()
+        while tr.epoch < last:
+            t = time.perf_counter()
+            try:
+                out = tr.run_epoch()
+            except Diverged as e:
+                # a builtin error: Tune sends it to the driver, which does not import memray.train
+                raise RuntimeError(str(e)) from None
+            self._store_snapshots()
+            metrics = epoch_metrics(out["evals"])
+            if self.objective is not None:
+                metrics["objective"] = objective_value(self.objective, metrics)
+                self._write("evals", tr.history)
+            self.timed("train", t)
+            if self.objective is not None and tr.epoch == last:
+                return
+            yield metrics
+
+    # -- analyses and tables ----------------------------------------------------------------
+    def analysis_job(self) -> AnalysisJob:
+        tr = self.trainer
+        items = analysis_items(self.cfg, len(tr.model.layer_groups), sorted(tr.snapshots),
+                               bool(self.data.noise_mask.any()))
+        state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()} if items else {}
+        return AnalysisJob(self.cfg.to_dict(), state, tr.snapshots if items else {}, items)
+
+    def analyse(self, executor: Executor | None = None) -> dict[str, Rows]:
+        """Every analysis table of this trial's config, rows in their one order."""
+        run = self.cfg.analyses.run
+        out: dict[str, Rows] = {"evals": list(self.trainer.history)}
+        if "gradients" in run:
+            out["gradients"] = list(self.trainer.grad_rows)
+        produced: dict[str, Rows] = {t: [] for a, t in ANALYSIS_TABLES.items() if a in run}
+        job = self.analysis_job()
+        if job.items:
+            results = (executor(job) if executor is not None
+                       else run_here(job, self.trainer.data, self.device))
+            for table, rows in results:
+                produced[table] += rows
+        for table, rows in produced.items():
+            out[table] = sorted(rows, key=ROW_ORDER[table])
+        return out
+
+    def _write(self, table: str, rows: Rows) -> None:
+        if self.store is not None:
+            self.store.write(table, rows)
+
+    def finish(self, executor: Executor | None = None) -> dict[str, Any]:
+        """Analyse, write every table and figure, and return the final metrics (with the flip
+        summary, the objective, and the analyses skipped and why)."""
+        t = time.perf_counter()
+        self.tables = self.analyse(executor)
+        self.timed("analyses", t)
+        t = time.perf_counter()
+        for table, rows in self.tables.items():
+            self._write(table, rows)
+        if self.store is not None:
+            c = self.cfg
+            title = f"{c.data.dataset} / {c.model.arch} / {c.dropout.kind} (trial {self.key})"
+            for name, png in plots.trial_figures(self.tables, title).items():
+                self.store.write_figure(name, png)
+        self.timed("write", t)
+        final = {**self.trainer.final(), **flip_summary(self.tables.get("flips", []))}
+        if self.objective is not None:
+            final["objective"] = objective_value(self.objective, self.trainer.final())
+        final["skipped"] = "; ".join(f"{k}: {v}" for k, v in skipped_analyses(self.cfg, self.data).items())
+        final.update({f"time/{k}": round(v, 3) for k, v in self.timings.items()})
+        return final
+
+
+def finished_result(store: TrialStore, row: dict[str, Any]) -> dict[str, Any]:
+    """The final metrics of a trial that its `trials` row says is done, from its tables (a resumed
+    sweep reports these instead of running it again)."""
+    evals = store.read("evals")
+    return {"epoch": max((r["epoch"] for r in evals), default=0), "wall_s": row["wall_s"],
+            **final_metrics(evals), **flip_summary(store.read("flips"))}
+
+
 def run_trial(cfg: ExperimentConfig, data: Data | None = None, device=None, data_dir=None,
-              on_epoch: Callable | None = None) -> dict[str, Any]:
+              store: TrialStore | None = None) -> dict[str, Any]:
     """Train and analyse in this process. Returns {'tables': {table: rows}, 'final': {...}, ...}."""
-    t0 = time.time()
-    data = data if data is not None else load_data(cfg.data, data_dir)
-    tr = Trainer(cfg, data, device)
-    tr.fit(on_epoch)
-    tables: dict[str, list[dict[str, Any]]] = {"evals": list(tr.history), "gradients": list(tr.grad_rows),
-                                               "rewinding": [], "retraining": [], "flips": []}
-    model_state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()}
-    runner = AnalysisRunner(cfg, model_state, tr.snapshots, tr.data, tr.device)
-    for item in analysis_items(cfg, len(tr.model.layer_groups), sorted(tr.snapshots), bool(data.noise_mask.any())):
-        table, rows = runner.run(item)
-        tables[table] += rows
-    return {"tables": tables, "final": tr.final(), "wall_s": time.time() - t0, "device": str(tr.device),
-            "skipped": skipped_analyses(cfg, data)}
+    trial = Trial(cfg, store, data, device, data_dir)
+    for _ in trial.epochs():
+        pass
+    final = trial.finish()
+    return {"tables": trial.tables, "final": final, "wall_s": trial.wall_s, "device": str(trial.device)}

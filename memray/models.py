@@ -215,6 +215,5 @@ def build_model(arch: str, width: int, in_shape: tuple[int, ...], num_classes: i
 def _check_groups(model: SiteModel) -> None:
     """Every trainable parameter belongs to exactly one layer group (our own invariant)."""
     for name, p in model.named_parameters():
-        owners = [g for g, prefixes in model.layer_groups
-                  if any(name == q or name.startswith(q + ".") for q in prefixes)]
+        owners = [g for gi, (g, _) in enumerate(model.layer_groups) if model.in_group(gi, name)]
         assert len(owners) == 1, f"{name} is in groups {owners}"

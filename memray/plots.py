@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from .config import MODES, SUBSETS
+
 Rows = list[dict[str, Any]]
 CLEAN, NOISY = "tab:blue", "tab:red"
 
@@ -77,7 +79,7 @@ def retraining_figure(rows: Rows, title: str = "") -> plt.Figure:
     """Bars per layer group after retraining it on clean data: accuracy on each subset
     (EXPERIMENTS.md section 3); train_noisy = given labels still predicted."""
     groups = _groups(rows)
-    subsets = [s for s in ("train_clean", "train_noisy", "train_noisy_true", "test") if any(r["subset"] == s for r in rows)]
+    subsets = [s for s in SUBSETS if any(r["subset"] == s for r in rows)]
     colors = {"train_clean": CLEAN, "train_noisy": NOISY, "train_noisy_true": "tab:orange", "test": "tab:green"}
     acc = {(r["layer_index"], r["subset"]): r["accuracy"] for r in rows}
     fig, ax = plt.subplots(figsize=(1.0 * len(groups) + 4, 4))
@@ -130,8 +132,6 @@ def flips_figure(rows: Rows, title: str = "") -> plt.Figure:
     return fig
 
 
-ETD_MODES = ("plain", "own", "all", "drop")
-ETD_SUBSETS = ("train_clean", "train_noisy", "train_noisy_true", "test")
 MODE_COLORS = {"plain": "tab:gray", "own": "tab:orange", "all": "tab:green", "drop": "tab:purple"}
 
 
@@ -142,18 +142,18 @@ def etd_figure(rows: Rows, title: str = "") -> plt.Figure:
     for r in rows:
         last[r["mode"]] = max(last.get(r["mode"], 0), int(r["epoch"]))
     acc = {(r["mode"], r["subset"]): r["accuracy"] for r in rows if int(r["epoch"]) == last[r["mode"]]}
-    modes = [m for m in ETD_MODES if m in last]
+    modes = [m for m in MODES if m in last]
     fig, ax = plt.subplots(figsize=(9.5, 4))
     w = 0.8 / max(1, len(modes))
     for i, m in enumerate(modes):
-        xs = [j + (i - (len(modes) - 1) / 2) * w for j in range(len(ETD_SUBSETS))]
-        vals = [acc.get((m, s), math.nan) for s in ETD_SUBSETS]
+        xs = [j + (i - (len(modes) - 1) / 2) * w for j in range(len(SUBSETS))]
+        vals = [acc.get((m, s), math.nan) for s in SUBSETS]
         label = "plain twin (no ETD)" if m == "plain" else m
         bars = ax.bar(xs, [0 if math.isnan(v) else v for v in vals], w, label=label, color=MODE_COLORS[m])
         for b, v in zip(bars, vals):
             ax.annotate("n/a" if math.isnan(v) else f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(ETD_SUBSETS)), ETD_SUBSETS)
+    ax.set_xticks(range(len(SUBSETS)), SUBSETS)
     ax.set_ylim(0, 1.12)
     ax.set_xlabel("subset")
     ax.set_ylabel("accuracy (final epoch)")

@@ -129,12 +129,20 @@ class SiteModel(nn.Module):
     def group_names(self) -> list[str]:
         return [g for g, _ in self.layer_groups]
 
+    def in_group(self, gi: int, name: str) -> bool:
+        """Whether a parameter, buffer or module name belongs to layer group gi (one of its prefixes
+        is the name or a dotted parent of it)."""
+        return any(name == p or name.startswith(p + ".") for p in self.layer_groups[gi][1])
+
     def group_of(self, name: str) -> int:
         """Index of the layer group that owns a parameter or buffer name."""
-        for gi, (_, prefixes) in enumerate(self.layer_groups):
-            if any(name == p or name.startswith(p + ".") for p in prefixes):
+        for gi in range(len(self.layer_groups)):
+            if self.in_group(gi, name):
                 return gi
         raise KeyError(name)
+
+    def group_modules(self, gi: int) -> list[nn.Module]:
+        return [m for name, m in self.named_modules() if self.in_group(gi, name)]
 
     def group_state_keys(self, gi: int) -> list[str]:
         """State-dict keys (parameters and norm buffers) of layer group gi."""

@@ -1,4 +1,4 @@
-"""The results store: declared Parquet schemas and the one atomic, idempotent fragment writer.
+"""The results store: declared Parquet schemas, the one atomic writer, and a store bound to a trial.
 
 Layout (ARCHITECTURE.md, "Results store"):
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -51,8 +51,6 @@ SCHEMAS: dict[str, pa.Schema] = {
                         ("post_test_acc", pa.float64())]),
 }
 SCHEMAS["retraining"] = SCHEMAS["rewinding"]
-TABLES = tuple(SCHEMAS)
-ANALYSIS_TABLE = {"gradients": "gradients", "rewind": "rewinding", "retrain": "retraining", "flip": "flips"}
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -92,32 +90,34 @@ def to_table(table: str, rows: Iterable[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
 
 
-def write_fragment(results: str, table: str, sweep: str, key: str, rows: Iterable[dict[str, Any]],
-                   fs: pafs.FileSystem | None = None) -> str:
-    """Atomically (over)write one fragment: temp name in the same directory, then rename."""
-    if fs is None:
-        fs, base = filesystem(results)
-    else:
-        base = results
-    path = fragment_path(base, table, sweep, key)
-    directory = path.rsplit("/", 1)[0]
-    fs.create_dir(directory, recursive=True)
-    tmp = f"{directory}/.tmp-{uuid.uuid4().hex}.parquet"
-    pq.write_table(to_table(table, rows), tmp, filesystem=fs)
-    fs.move(tmp, path)
-    return path
-
-
-def write_bytes(results: str, relpath: str, data: bytes) -> str:
-    fs, base = filesystem(results)
-    path = f"{base}/{relpath}"
+def atomic_write(fs: pafs.FileSystem, path: str, data: bytes | Callable[[Any], None]) -> str:
+    """The one way this project writes a file: to a temporary name in the same directory, then a
+    rename, so a reader sees the old file or the new one, never half of one. `data` is the bytes,
+    or a function that writes them to the open output stream (a large table streams out)."""
     directory = path.rsplit("/", 1)[0]
     fs.create_dir(directory, recursive=True)
     tmp = f"{directory}/.tmp-{uuid.uuid4().hex}"
     with fs.open_output_stream(tmp) as f:
-        f.write(data)
+        data(f) if callable(data) else f.write(data)
     fs.move(tmp, path)
     return path
+
+
+def write_local(path: str | os.PathLike, data: bytes) -> str:
+    """`atomic_write` for a local path."""
+    return atomic_write(pafs.LocalFileSystem(), os.path.abspath(path), data)
+
+
+def write_fragment(results: str, table: str, sweep: str, key: str, rows: Iterable[dict[str, Any]]) -> str:
+    """Atomically (over)write one fragment."""
+    fs, base = filesystem(results)
+    data = to_table(table, rows)
+    return atomic_write(fs, fragment_path(base, table, sweep, key), lambda f: pq.write_table(data, f))
+
+
+def write_bytes(results: str, relpath: str, data: bytes) -> str:
+    fs, base = filesystem(results)
+    return atomic_write(fs, f"{base}/{relpath}", data)
 
 
 def read_bytes(results: str, relpath: str) -> bytes:
@@ -129,6 +129,50 @@ def read_bytes(results: str, relpath: str) -> bytes:
 def exists(results: str, relpath: str) -> bool:
     fs, base = filesystem(results)
     return fs.get_file_info(f"{base}/{relpath}").type != pafs.FileType.NotFound
+
+
+def finished_row(results: str, sweep: str, key: str, run_id: str | None) -> dict[str, Any] | None:
+    """The trial's `trials` row if this sweep invocation (`run_id`; a --resume keeps it) ended it,
+    else None: a row left by an earlier run of the same sweep name does not count."""
+    if run_id is None or not exists(results, fragment_rel("trials", sweep, key)):
+        return None
+    rows = read_fragment(results, "trials", sweep, key)
+    return rows[0] if rows and rows[0].get("run_id") == run_id else None
+
+
+class TrialStore:
+    """The results store bound to one trial: its table fragments, figures and weight snapshots."""
+
+    def __init__(self, results: str, sweep: str, key: str):
+        self.results, self.sweep, self.key = results, check_name("sweep", sweep), check_name("trial_key", key)
+
+    def write(self, table: str, rows: Iterable[dict[str, Any]]) -> str:
+        tag = {"sweep": self.sweep, "trial_key": self.key}
+        return write_fragment(self.results, table, self.sweep, self.key, ({**tag, **r} for r in rows))
+
+    def has(self, table: str) -> bool:
+        return exists(self.results, fragment_rel(table, self.sweep, self.key))
+
+    def read(self, table: str) -> list[dict[str, Any]]:
+        """The trial's rows of `table` ([] when it wrote none)."""
+        return read_fragment(self.results, table, self.sweep, self.key) if self.has(table) else []
+
+    def finished(self, run_id: str | None) -> dict[str, Any] | None:
+        """Its `trials` row if this sweep invocation already finished it (status done)."""
+        row = finished_row(self.results, self.sweep, self.key, run_id)
+        return row if row is not None and row["status"] == "done" else None
+
+    def write_figure(self, name: str, png: bytes) -> str:
+        return write_bytes(self.results, f"figures/sweep={self.sweep}/{self.key}/{name}.png", png)
+
+    def _snapshot_rel(self, epoch: int) -> str:
+        return f"snapshots/sweep={self.sweep}/{self.key}/epoch={int(epoch)}.pt"
+
+    def write_snapshot(self, epoch: int, data: bytes) -> str:
+        return write_bytes(self.results, self._snapshot_rel(epoch), data)
+
+    def read_snapshot(self, epoch: int) -> bytes:
+        return read_bytes(self.results, self._snapshot_rel(epoch))
 
 
 def default_mlflow_uri(results: str) -> str:

@@ -11,6 +11,7 @@ state so a caller can store each one once.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import sys
@@ -19,15 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import ExperimentConfig
+from .config import ETD_MODES, ExperimentConfig
 from .data import Data, augment, batches
 from .dropout import ExampleTiedDropout, StandardDropout
 from .models import build_model
 from .probes.gradients import GradientAccounting
 from .sites import SiteModel
-
-SUBSETS = ("train_clean", "train_noisy", "train_noisy_true", "test")
-
+from .summary import final_metrics
+from .tables import write_local
 
 class Diverged(RuntimeError):
     pass
@@ -115,13 +115,7 @@ def evaluate(model: SiteModel, data: Data, mode: str, etd: ExampleTiedDropout | 
 
 
 def eval_modes(cfg: ExperimentConfig) -> tuple[str, ...]:
-    return ("own", "all", "drop") if cfg.dropout.kind == "example_tied" else ("plain",)
-
-
-def final_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """{'<mode>/<subset>/accuracy': value} of the last evaluated epoch among `evals` rows."""
-    last = max((r["epoch"] for r in rows), default=None)
-    return {f"{r['mode']}/{r['subset']}/accuracy": r["accuracy"] for r in rows if r["epoch"] == last}
+    return ETD_MODES if cfg.dropout.kind == "example_tied" else ("plain",)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -276,9 +270,9 @@ def _to_cpu(x: Any) -> Any:
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_local(path, buf.getvalue())
 
 
 def load_state(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:

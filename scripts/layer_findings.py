@@ -14,11 +14,12 @@ import json
 import time
 from pathlib import Path
 
-from memray import findings, plots
+from analysis import findings
+from memray import plots
 from memray.config import ExperimentConfig
 from memray.data import load_data
 from memray.experiment import AnalysisRunner, analysis_items
-from memray.probes.flips import FlipSearch
+from memray.probes.flips import FlipSearch, fixed_samples, post_edit
 from memray.probes.rewinding import rewinding_rows
 from memray.train import Trainer, pick_device
 from sweeps.presets import PRESETS
@@ -66,8 +67,8 @@ def main() -> None:
             table, rows = runner.run(item)
             tables[table] += rows
     _, ref = runner.flip_targets()
-    test_before = FlipSearch(runner.model, runner.data, ref,
-                             eval_samples=args.eval_samples).post_edit([[]])[0]["test"]
+    samples = fixed_samples(runner.data, args.eval_samples, cfg.seed)
+    test_before = post_edit(FlipSearch(runner.model, runner.data, ref), samples, [[]])[0]["test"]
     noisy_key = "plain/train_noisy/accuracy" if cfg.dropout.kind != "example_tied" else "own/train_noisy/accuracy"
     out = {
         "case": f"{args.dataset}/{args.arch}", "epochs": epochs, "final": final, "train_s": round(train_s, 1),

@@ -16,16 +16,9 @@ import sys
 from memray.config import ANALYSES, ConfigError, ExperimentConfig
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
-from .common import (
-    UsageError,
-    add_runtime_flags,
-    check_resume,
-    check_runtime,
-    launch,
-    longest_first,
-    print_dry_run,
-    split_list,
-)
+from .cli import UsageError, add_runtime_flags, check_resume, check_runtime, print_dry_run, split_list
+from .launch import launch
+from .plan import Plan, longest_first
 from .presets import PAPER_RESNET9_WIDTH, PRESETS
 
 
@@ -124,7 +117,7 @@ def main(argv=None) -> int:
     except DatasetMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return launch(args, configs, args.preset, resume_run_id=run_id)
+    return launch(args, Plan(args.preset, configs=configs, resume_run_id=run_id))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from memray.config import ANALYSES, ARCHS, DATASETS, ConfigError, ExperimentConf
 from memray.objectives import OBJECTIVES
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
-from .common import UsageError, add_runtime_flags, check_resume, check_runtime, launch, split_list
+from .cli import UsageError, add_runtime_flags, check_resume, check_runtime, split_list
+from .launch import launch
+from .plan import Plan
 
 # name -> (flag default, scale); ranges are [low, high]
 RANGES = {"p_gen": ("0.05,0.5", "uniform"), "p_mem": ("0.02,0.5", "uniform"),
@@ -91,11 +93,16 @@ def build(args) -> tuple[dict, dict, dict]:
     return base, ranges, spec
 
 
-def search_space(ranges: dict) -> dict:
+def search_space(base: dict, ranges: dict) -> dict:
+    """The experiment config with Tune's search domains where the ranges are (a nested space:
+    OptunaSearch samples each path, and Tune fills the trial's config in)."""
     from ray import tune
 
-    return {"p_gen": tune.uniform(*ranges["p_gen"]), "p_mem": tune.uniform(*ranges["p_mem"]),
-            "lr": tune.loguniform(*ranges["lr"]), "width": tune.lograndint(ranges["width"][0], ranges["width"][1] + 1)}
+    return {**base,
+            "dropout": {**base["dropout"], "p_gen": tune.uniform(*ranges["p_gen"]),
+                        "p_mem": tune.uniform(*ranges["p_mem"])},
+            "optim": {**base["optim"], "lr": tune.loguniform(*ranges["lr"])},
+            "model": {**base["model"], "width": tune.lograndint(ranges["width"][0], ranges["width"][1] + 1)}}
 
 
 def main(argv=None) -> int:
@@ -130,9 +137,9 @@ def main(argv=None) -> int:
     # max_t one past the last epoch: a trial that trains to the end still reports and runs its analyses
     scheduler = ASHAScheduler(time_attr="epoch", max_t=args.epochs + 1, grace_period=spec["grace_period"],
                               reduction_factor=args.reduction_factor)
-    return launch(args, None, "search", scheduler=scheduler, search_alg=searcher, num_samples=args.num_samples,
-                  search_space=search_space(ranges), base_exp=base, spec=spec, objective=args.objective,
-                  metric="objective", mode="max", resume_run_id=run_id)
+    return launch(args, Plan("search", exp_space=search_space(base, ranges), num_samples=args.num_samples,
+                             search_alg=searcher, scheduler=scheduler, objective=args.objective, spec=spec,
+                             resume_run_id=run_id))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_trial_figures_are_pngs_for_the_tables_present():
 
 
 def test_findings_from_rows():
-    from memray import findings
+    from analysis import findings
 
     rows = _rows()
     g = findings.gradient_findings(rows["gradients"], 0.1)

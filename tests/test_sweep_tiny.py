@@ -106,10 +106,61 @@ def test_default_preset_p_gen_per_arch_unless_given():
 def test_the_sweep_driver_loads_no_torch_or_plotting():
     """The driver only plans trials and hands Tune the trainable: torch, memray's model code and
     matplotlib load in the trials' processes (about 2 s of start-up, and memory, saved per sweep)."""
-    code = ("import sys, sweeps.dropout_grid, sweeps.dropout_search, sweeps.common, trainables.trial, "
-            "trainables.callbacks; print(sorted(m for m in ('torch', 'matplotlib', 'memray.data', "
-            "'memray.train', 'trainables.run') if m in sys.modules))")
+    code = ("import sys, sweeps.dropout_grid, sweeps.dropout_search, sweeps.cli, sweeps.launch, sweeps.plan, "
+            "trainables.trial, trainables.callbacks; print(sorted(m for m in ('torch', 'matplotlib', "
+            "'memray.data', 'memray.train', 'memray.experiment', 'trainables.actors') if m in sys.modules))")
     p = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "[]"
     p = run_cli("--preset", "paper", "--dry-run")
     assert p.returncode == 0 and re.match(r"\d+ trials for sweep 'dropout_grid-paper'; resources per trial: \[", p.stdout)
+
+
+def test_analysis_loads_no_torch():
+    """`analysis/` is arithmetic on table rows: importing every module of it loads no torch."""
+    code = ("import importlib, pkgutil, sys, analysis\n"
+            "for m in pkgutil.iter_modules(analysis.__path__): importlib.import_module('analysis.' + m.name)\n"
+            "print(sorted(m for m in ('torch', 'memray.train', 'memray.experiment') if m in sys.modules))")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "[]"
+
+
+def test_no_import_cycles():
+    """The project's modules import each other top-down: no module imports one that imports it
+    back, directly or through others, at module level or inside a function."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    packages = ("memray", "trainables", "sweeps", "analysis")
+    graph = {}
+    for path in root.glob("*/**/*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[0] not in packages:
+            continue
+        mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # imports inside functions count too
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+                    pkg = pkg[:len(pkg) - node.level + 1]
+                    base = ".".join([*pkg, *([base] if base else [])])
+                deps |= {base} | {f"{base}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[mod] = deps
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    assert "memray.experiment" in graph and "trainables.trial" in graph
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()]:
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return seen
+
+    cycles = sorted(m for m in graph if m in reach(m))
+    assert cycles == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import threading
 import time
 import warnings
@@ -17,11 +16,7 @@ from typing import ClassVar
 from ray import tune
 
 from memray import tables
-from memray.config import ExperimentConfig
-
-from .trial import exp_dict
-
-_ACC = re.compile(r"^(plain|own|all|drop)/(train_clean|train_noisy|train_noisy_true|test)/accuracy$")
+from memray.config import ExperimentConfig, parse_metric_key
 
 
 def trial_row(sweep: str, exp: dict, status: str, attempts: int, result: dict, error: str | None,
@@ -46,7 +41,7 @@ class TrialsTable(tune.Callback):
     def _write(self, trial, status: str, error: str | None) -> None:
         result = trial.last_result or {}
         attempts = result.get("attempts") or trial.num_failures + (status != "failed")  # carried if reused
-        row = trial_row(self.sweep, exp_dict(trial.config), status, attempts, result, error,
+        row = trial_row(self.sweep, trial.config["exp"], status, attempts, result, error,
                         trial.config.get("run_id"))
         tables.write_fragment(self.results, "trials", self.sweep, row["trial_key"], [row])
 
@@ -160,11 +155,11 @@ class MlflowLogger(tune.Callback):
         self.view = MlflowView(self.uri, self.sweep)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._submit(self._collect, exp_dict(trial.config), dict(result))
+        self._submit(self._collect, trial.config["exp"], dict(result))
 
     def _collect(self, exp, result):
         key = result.get("trial_key") or ExperimentConfig.from_dict(exp).trial_key
-        accs = {k: v for k, v in result.items() if (_ACC.match(k) or k == "objective") and isinstance(v, float)}
+        accs = {k: v for k, v in result.items() if (parse_metric_key(k) or k == "objective") and isinstance(v, float)}
         metrics = {}
         if result.get("phase") == "train":
             metrics = accs
@@ -183,10 +178,10 @@ class MlflowLogger(tune.Callback):
                 self.view.log_metrics(self.view.child(k, exp), by_step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._submit(self._finish, exp_dict(trial.config), "FINISHED")
+        self._submit(self._finish, trial.config["exp"], "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._submit(self._finish, exp_dict(trial.config), "FAILED")
+        self._submit(self._finish, trial.config["exp"], "FAILED")
 
     def _close(self, status):
         self.view.close(status)

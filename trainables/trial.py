@@ -1,51 +1,75 @@
-"""The Ray Tune function trainable, its resources, and the trial config a search algorithm fills in.
+"""The Ray Tune function trainable: one `memray.experiment.Trial`, adapted to Tune.
 
-This module is what the sweep driver imports: it loads no torch and no memray model code. The
-trial's body is `trainables.run.train` (training, analyses, tables), imported in the trial's own
-process when Tune first calls `train_trial` there.
+In the shape of Tune's own function-trainable examples: restore from `tune.get_checkpoint()`,
+report each epoch with a checkpoint (`FailureConfig` restarts a killed trial from its last one),
+and hand the analyses to the trial's actors (`trainables.actors`). Everything a trial does is
+memray's; this module only moves it through Tune.
+
+The sweep driver imports this module: it loads no torch and no memray model code at import (the
+trial's process imports them when Tune first calls `train_trial` there).
+
+Resources: a trial's placement group has bundle 0 for this trainable and one bundle per analysis
+worker, the trial's CPUs (and GPUs) split evenly. Training and analysis are phases, so each uses
+all of them: on a 2-core laptop with `--cpus-per-trial 1` two trials run at once, each training on
+one core and then analysing on it.
+
+A resumed sweep (same run id) does not train a trial whose `trials` row already says done: it
+reports that trial's final metrics from its tables.
 """
 from __future__ import annotations
 
-import copy
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 from ray import tune
 
+from memray.config import ExperimentConfig
+from memray.tables import TrialStore
 
-def resources(cpus_per_trial: float, gpus_per_trial: float, analysis_workers: int) -> tune.PlacementGroupFactory:
-    """Bundle 0 for the trainable, one bundle per analysis worker; the trial's CPUs (and GPUs) are
-    split evenly between them. Training and analysis are phases, so each phase uses all of them."""
-    parts = analysis_workers + 1 if analysis_workers > 0 else 1
-    return tune.PlacementGroupFactory([dict(_share(cpus_per_trial, gpus_per_trial, parts)) for _ in range(parts)])
+from .resources import resources, threads
 
-
-def _share(cpus: float, gpus: float, parts: int) -> dict[str, float]:
-    share = {"CPU": cpus / parts}
-    if gpus > 0:
-        share["GPU"] = gpus / parts
-    return share
-
-
-def _threads(cpus: float) -> int:
-    return max(1, int(round(cpus)))
-
-
-# Search algorithms sample flat names; these are the config fields they set.
-SEARCH_FIELDS = {"p_gen": ("dropout", "p_gen"), "p_mem": ("dropout", "p_mem"), "lr": ("optim", "lr"),
-                 "width": ("model", "width")}
-
-
-def exp_dict(config: dict[str, Any]) -> dict[str, Any]:
-    """The trial's experiment config: the grid's `exp`, with a search algorithm's samples applied."""
-    exp = copy.deepcopy(config["exp"])
-    for name, value in (config.get("search") or {}).items():
-        section, field = SEARCH_FIELDS[name]
-        exp.setdefault(section, {})[field] = int(value) if field == "width" else float(value)
-    return exp
+__all__ = ["resources", "train_trial"]
 
 
 def train_trial(config: dict[str, Any]) -> None:
-    """The trainable Tune runs: one trial (see `trainables.run`)."""
-    from .run import train
+    """The trainable Tune runs. `config["exp"]` is the trial's experiment config (a search's
+    samples already in it); the rest is the sweep's runtime: where to write, CPUs, the run id."""
+    import ray
+    import torch
 
-    train(config)
+    from memray.experiment import Trial, finished_result
+
+    from .actors import analysis_executor
+
+    exp = ExperimentConfig.from_dict(config["exp"])
+    store = TrialStore(config["results_dir"], config["sweep"], exp.trial_key)
+    node_id = ray.get_runtime_context().get_node_id()
+    done = store.finished(config.get("run_id"))
+    if done is not None:
+        tune.report({"trial_key": exp.trial_key, "node_id": done["node_id"], "device": done["device"],
+                     "phase": "done", "restored_from": done.get("restored_from") or 0,
+                     "attempts": done["attempts"], "already_done": True, **finished_result(store, done)})
+        return
+    cpus, gpus = float(config["cpus_per_trial"]), float(config.get("gpus_per_trial") or 0.0)
+    torch.set_num_threads(threads(cpus))
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    # the analysis actors start first: their start-up (torch import, data) overlaps training
+    executor = analysis_executor(exp, int(config["analysis_workers"]), cpus, gpus, config.get("data_dir"))
+    trial = Trial(exp, store, device=device, data_dir=config.get("data_dir"), objective=config.get("objective"))
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trial.restore(Path(d) / "state.pt")
+    base = {"trial_key": exp.trial_key, "node_id": node_id, "device": device, "restored_from": trial.restored_from}
+    for metrics in trial.epochs():
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as d:
+            trial.save(Path(d) / "state.pt")
+            tune.report({**base, "epoch": trial.epoch, "phase": "train", "wall_s": trial.wall_s, **metrics},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+        trial.timed("checkpoint", t)
+    final = trial.finish(executor)
+    tune.report({**base, "epoch": trial.epoch, "phase": "done", "wall_s": trial.wall_s, **final})

@@ -25,13 +25,6 @@ from ..sites import SiteModel
 from .rewinding import rewind_layer, subset_accuracies
 
 
-def _group_modules(model: SiteModel, group: int):
-    prefixes = model.layer_groups[group][1]
-    for name, m in model.named_modules():
-        if any(name == p or name.startswith(p + ".") for p in prefixes):
-            yield m
-
-
 def retrain_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor], data: Data,
                   lr: float = 0.01, max_epochs: int = 20, patience: int = 3, batch_size: int = 128,
                   seed: int = 0, etd: ExampleTiedDropout | None = None,
@@ -46,7 +39,7 @@ def retrain_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor
     for p in params:
         p.requires_grad_(True)
     m.eval()
-    for mod in _group_modules(m, group):
+    for mod in m.group_modules(group):
         mod.train()
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     clean = data.clean_ids()

@@ -9,7 +9,7 @@ import math
 import statistics
 from typing import Any
 
-from .probes.flips import units_to_flip
+from memray.summary import units_to_flip
 
 Rows = list[dict[str, Any]]
 

@@ -1,0 +1,51 @@
+"""A trial's summary numbers from its table rows: plain arithmetic, no torch.
+
+The trial reports them to Tune and MLflow, the sweep summary prints them, and `analysis` reads
+the same rows from the tables, so each number is computed one way.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from .config import metric_key
+
+Rows = list[dict[str, Any]]
+FLIP_METHODS = ("greedy", "random")
+
+
+def epoch_metrics(evals: Rows) -> dict[str, float]:
+    """{'<mode>/<subset>/accuracy': value} of `evals` rows (one epoch's)."""
+    return {metric_key(r["mode"], r["subset"]): r["accuracy"] for r in evals}
+
+
+def final_metrics(evals: Rows) -> dict[str, float]:
+    """The accuracy metrics of the last evaluated epoch among `evals` rows."""
+    last = max((r["epoch"] for r in evals), default=None)
+    return epoch_metrics([r for r in evals if r["epoch"] == last])
+
+
+def units_to_flip(rows: Rows, method: str, noisy: bool) -> list[float]:
+    """Units zeroed per target of one method and kind; a target not flipped counts as infinite."""
+    return [r["n_units"] if r["flipped"] else math.inf for r in rows
+            if r["method"] == method and r["is_noisy"] == noisy]
+
+
+def flip_summary(rows: Rows) -> dict[str, float]:
+    """Per method and target kind: median units to flip (targets not flipped count as infinitely
+    many; a median that lands on one is reported as NaN), the flipped fraction, and the median
+    post-edit test accuracy. Keys like 'flip/greedy/noisy/median_units'."""
+    out: dict[str, float] = {}
+    for method in FLIP_METHODS:
+        for kind, noisy in (("noisy", True), ("clean", False)):
+            n = units_to_flip(rows, method, noisy)
+            if not n:
+                continue
+            med = statistics.median(n)
+            key = f"flip/{method}/{kind}"
+            out[f"{key}/median_units"] = med if math.isfinite(med) else math.nan
+            out[f"{key}/flipped_frac"] = sum(math.isfinite(v) for v in n) / len(n)
+            out[f"{key}/median_post_test_acc"] = statistics.median(
+                r["post_test_acc"] for r in rows if r["method"] == method and r["is_noisy"] == noisy)
+    return out

@@ -1,0 +1,105 @@
+"""What both sweep CLIs share before anything starts: runtime flags, their validation, and the
+resume check. Invalid input is a `UsageError` (exit 2, before Ray starts, before anything is
+written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from memray import tables
+from memray.config import ExperimentConfig
+
+
+class UsageError(Exception):
+    pass
+
+
+def split_list(flag: str, text: str, cast) -> list:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(cast(part))
+        except ValueError:
+            raise UsageError(f"{flag}={text!r} is invalid: {part!r} is not a {cast.__name__}") from None
+    if not out:
+        raise UsageError(f"{flag}={text!r} is invalid: give a comma-separated list")
+    return out
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results-dir", default="results", help="local path or URI (s3://...) [results]")
+    p.add_argument("--data-dir", default=None, help="where torchvision datasets live")
+    p.add_argument("--download", action="store_true", help="fetch missing torchvision datasets first")
+    p.add_argument("--name", default=None, help="sweep name (experiment in MLflow)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this name")
+    p.add_argument("--max-failures", type=int, default=2, help="retries per trial [2]")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--analysis-workers", type=int, default=1)
+    p.add_argument("--mlflow-uri", default=None, help="tracking URI [sqlite:///<results>/mlflow.db]")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+
+
+def check_runtime(args) -> None:
+    tables.check_name("sweep", args.name)
+    # Trials run in Ray worker processes with their own working directories: local paths are made
+    # absolute here, or the trials would write their tables somewhere else.
+    if "://" not in args.results_dir:
+        args.results_dir = os.path.abspath(args.results_dir)
+    if args.data_dir is not None and "://" not in args.data_dir:
+        args.data_dir = os.path.abspath(args.data_dir)
+    args.mlflow_uri = args.mlflow_uri or tables.default_mlflow_uri(args.results_dir)
+    if args.max_failures < 0:
+        raise UsageError(f"--max-failures={args.max_failures} is invalid: an integer >= 0")
+    if args.cpus_per_trial <= 0:
+        raise UsageError(f"--cpus-per-trial={args.cpus_per_trial} is invalid: a number > 0")
+    if args.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial={args.gpus_per_trial} is invalid: a number >= 0")
+    if args.analysis_workers < 0:
+        raise UsageError(f"--analysis-workers={args.analysis_workers} is invalid: an integer >= 0")
+
+
+def grid_file(sweep: str) -> str:
+    return f"sweeps/{sweep}.grid.json"
+
+
+def check_resume(args, configs: list[ExperimentConfig] | None = None, spec: dict | None = None) -> str | None:
+    """--resume needs a known sweep launched with the same grid (or search spec); a fresh run of a
+    known name needs the same too (re-running is idempotent), else a new --name. Returns the
+    stored run id when resuming (a resumed invocation keeps it), else None."""
+    rel = grid_file(args.name)
+    known = tables.exists(args.results_dir, rel)
+    if args.resume and not known:
+        raise UsageError(f"--resume: no sweep named {args.name!r} under {args.results_dir}; "
+                         f"run it without --resume first")
+    if not known:
+        return None
+    stored = json.loads(tables.read_bytes(args.results_dir, rel))
+    if configs is not None and sorted(stored.get("trial_keys") or []) != sorted(c.trial_key for c in configs):
+        n = len(stored.get("trial_keys") or [])
+        raise UsageError(f"sweep {args.name!r} under {args.results_dir} was run with a different grid "
+                         f"({n} trials, this command gives {len(configs)}); use the same flags to resume or "
+                         f"re-run it, or a new --name")
+    if spec is not None and stored.get("spec") != spec:
+        changed = sorted(k for k in set(spec) | set(stored.get("spec") or {})
+                         if spec.get(k) != (stored.get("spec") or {}).get(k))
+        raise UsageError(f"sweep {args.name!r} under {args.results_dir} was run with a different search "
+                         f"(differs in: {', '.join(changed)}); use the same flags to resume, or a new --name")
+    uri = args.mlflow_uri  # resolved by check_runtime
+    if args.resume and stored.get("mlflow_uri") not in (None, uri):
+        raise UsageError(f"--mlflow-uri={uri!r} is invalid with --resume: sweep {args.name!r} logs to "
+                         f"{stored['mlflow_uri']!r} (a resumed sweep keeps its tracking store; "
+                         f"`python -m analysis.sync_mlflow --mlflow-uri ...` copies it elsewhere)")
+    return stored.get("run_id") if args.resume else None
+
+
+def print_dry_run(configs: list[ExperimentConfig], args, pgf_bundles) -> None:
+    print(f"{len(configs)} trials for sweep {args.name!r}; resources per trial: {pgf_bundles}")
+    for c in configs:
+        print(f"  {c.trial_key}  {c.canonical_json()}")

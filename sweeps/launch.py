@@ -1,0 +1,163 @@
+"""Running a sweep's `Plan` through Ray Tune: the `sweeps` table, the trials, the summary.
+
+Exit codes: 0 all trials done; 1 some trials failed after retries (the others are kept and the
+summary names the failures); 130 interrupted (the same command plus --resume continues).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from memray import tables
+from memray.config import ExperimentConfig, metric_key
+
+from .cli import grid_file
+from .plan import Plan
+
+# accuracies in the progress table and the summary: metric name -> column (own_noisy, drop_test, ...)
+SUMMARY_METRICS = {metric_key(m, s): f"{m}_{s.removeprefix('train_')}" for m, s in (
+    ("own", "train_noisy"), ("drop", "train_noisy"), ("drop", "test"), ("plain", "train_noisy"), ("plain", "test"))}
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except Exception:
+        return ""
+
+
+def launch(args, plan: Plan) -> int:
+    """Run the plan's trials through Ray Tune; write the sweeps/trials tables; print the summary."""
+    # Tune's classic progress table honours our columns (the newer output engine picks its own).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Per-epoch checkpoints with num_to_keep force frequent experiment-state snapshots; they are
+    # cheap here (a few ms of driver time each), so Tune's warning about them is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's JSON and CSV result logs stay (each trial's folder under <results>/ray); its TensorBoard
+    # logger does not: MLflow is the UI here, and TensorBoard events took about 5 s of the driver's
+    # CPU in a default sweep (2 s of it in the result callbacks every per-epoch report waits on).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    import ray
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from trainables.callbacks import MlflowLogger, TrialsTable
+    from trainables.trial import resources, train_trial
+
+    started = dt.datetime.now(dt.UTC)
+    fs, base = tables.filesystem(args.results_dir)
+    storage = f"{base}/ray"
+    if "://" not in args.results_dir:
+        os.makedirs(storage, exist_ok=True)
+    configs = plan.configs
+    run_id = plan.resume_run_id or uuid.uuid4().hex[:12]
+    n_trials = plan.n_trials
+    tables.write_bytes(args.results_dir, grid_file(args.name), json.dumps(
+        {"trial_keys": [c.trial_key for c in configs] if configs is not None else None, "spec": plan.spec,
+         "preset": plan.preset, "run_id": run_id,
+         "mlflow_uri": args.mlflow_uri}).encode())
+    sweep_row = {"sweep": args.name, "started_at": started, "finished_at": None, "command": " ".join(sys.argv),
+                 "preset": plan.preset, "n_trials": n_trials, "git_sha": git_sha(), "ray_address": args.address or "local"}
+    tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
+
+    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False,
+             include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    pgf = resources(args.cpus_per_trial, args.gpus_per_trial, args.analysis_workers)
+    trainable = tune.with_resources(train_trial, pgf)
+    space = ({"exp": tune.grid_search([c.to_dict() for c in configs])} if configs is not None
+             else {"exp": plan.exp_space})
+    space = {**space, "sweep": args.name, "results_dir": args.results_dir, "data_dir": args.data_dir,
+             "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
+             "analysis_workers": args.analysis_workers, "run_id": run_id, "objective": plan.objective}
+    callbacks = [TrialsTable(args.results_dir, args.name),
+                 MlflowLogger(args.mlflow_uri, args.name, args.results_dir),
+                 JsonLoggerCallback(), CSVLoggerCallback()]
+    columns = {"epoch": "ep", **SUMMARY_METRICS}
+    if plan.objective is not None:
+        columns["objective"] = "objective"
+    params = ({"exp/data/dataset": "dataset", "exp/model/arch": "arch", "exp/dropout/kind": "dropout",
+               "exp/dropout/p_mem": "p_mem"} if configs is not None else
+              {"exp/dropout/p_gen": "p_gen", "exp/dropout/p_mem": "p_mem", "exp/optim/lr": "lr",
+               "exp/model/width": "width"})
+    reporter = tune.CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=15)
+    run_config = tune.RunConfig(name=args.name, storage_path=storage,
+                                storage_filesystem=None if "://" not in args.results_dir else fs,
+                                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
+                                callbacks=callbacks, progress_reporter=reporter, verbose=1)
+    exp_path = f"{storage}/{args.name}"
+    remote_fs = None if "://" not in args.results_dir else fs
+    if args.resume and tune.Tuner.can_restore(exp_path, storage_filesystem=remote_fs):
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=remote_fs)
+    else:
+        # Trainable actors are reused between trials (no process start and torch import per trial);
+        # so are their analysis actors (trainables.actors).
+        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
+                           tune_config=tune.TuneConfig(scheduler=plan.scheduler, search_alg=plan.search_alg,
+                                                       num_samples=plan.num_samples,
+                                                       metric="objective" if plan.objective else None,
+                                                       mode="max" if plan.objective else None,
+                                                       reuse_actors=True))
+    grid = tuner.fit()
+    # also after an interruption, when Tune may skip on_experiment_end; a restored Tuner runs its
+    # own (unpickled) logger, which drain_all reaches too
+    MlflowLogger.drain_all()
+    sweep_row["finished_at"] = dt.datetime.now(dt.UTC)
+    tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
+    started = [r for r in grid if r.config]  # after an interruption, unstarted trials have no config
+    keys = ([c.trial_key for c in configs] if configs is not None else
+            [ExperimentConfig.from_dict(r.config["exp"]).trial_key for r in started])
+    rows = {k: tables.finished_row(args.results_dir, args.name, k, run_id) for k in keys}
+    status = {k: (r["status"] if r else None) for k, r in rows.items()}
+    print_summary(args, started, status, {k: r["error"] for k, r in rows.items() if r and r["error"]})
+    unfinished = [k for k, v in status.items() if v is None]
+    if unfinished or len(status) < n_trials:
+        print(f"\nInterrupted: {n_trials - sum(v is not None for v in status.values())} of {n_trials} trial(s) "
+              f"unfinished. Continue with the same command plus --resume.", file=sys.stderr)
+        return 130
+    return 1 if any(v == "failed" for v in status.values()) else 0
+
+
+def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, str]) -> None:
+    """Per trial: status, the config axes that vary, own/drop noisy accuracy, drop test accuracy,
+    the plain twin's, flip medians (and the objective for a search); failures with their error."""
+    search = any(r.config.get("objective") for r in grid)
+    head = (f"{'trial_key':12}  {'status':8} {'dataset':8} {'arch':8} {'width':>5} {'dropout':12} "
+            f"{'p_gen':>6} {'p_mem':>6} " + (f"{'lr':>7} " if search else "") +
+            "".join(f"{col} " for col in SUMMARY_METRICS.values()) +
+            f"{'flip_noisy':>10} {'flip_clean':>10}" + (f" {'objective':>9}" if search else ""))
+    print(f"\nSweep {args.name!r}: {len(grid)} trials")
+    print(head)
+    failures = []
+    for r in sorted(grid, key=lambda r: ExperimentConfig.from_dict(r.config["exp"]).canonical_json()):
+        c = ExperimentConfig.from_dict(r.config["exp"])
+        m = r.metrics or {}
+
+        def f(k, w):
+            v = m.get(k)
+            return f"{v:>{w}.3f}" if isinstance(v, float) and v == v else f"{'-':>{w}}"
+        st = status.get(c.trial_key) or "unfinished"
+        etd = c.dropout.kind != "none"
+        print(f"{c.trial_key:12}  {st:8} {c.data.dataset:8} {c.model.arch:8} {c.model.resolved_width:>5} "
+              f"{c.dropout.kind:12} {(f'{c.dropout.p_gen:.3g}' if etd else '-'):>6} "
+              f"{(f'{c.dropout.p_mem:.3g}' if etd else '-'):>6} " + (f"{c.optim.lr:>7.4f} " if search else "") +
+              "".join(f"{f(k, len(col))} " for k, col in SUMMARY_METRICS.items()) +
+              f"{f('flip/greedy/noisy/median_units', 10)} {f('flip/greedy/clean/median_units', 10)}"
+              + (f" {f('objective', 9)}" if search else ""))
+        if st == "failed":
+            failures.append((c.trial_key, errors.get(c.trial_key, "error (no details recorded)")))
+    for key, err in failures:
+        print(f"FAILED {key}: {err}")
+    uri = args.mlflow_uri  # resolved by check_runtime
+    print(f"\nTables:     {args.results_dir}/tables/<table>/sweep={args.name}/")
+    print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    print(f"Query:      python -m analysis.query --results-dir {args.results_dir} "
+          f"\"select * from trials where sweep = '{args.name}'\"")
+    print(f"Report:     python -m analysis.report --results-dir {args.results_dir} --sweep {args.name}")
