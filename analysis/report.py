@@ -1,14 +1,15 @@
-"""python -m analysis.report: one self-contained HTML page of the paper's figures and findings.
+"""python -m analysis.report: one self-contained HTML page of the findings and their figures.
 
     python -m analysis.report                                   # every sweep under ./results
     python -m analysis.report --results-dir results --sweep dropout_grid-default --out report
-    python -m analysis.report --sweep sweepA --sweep sweepB     # two sweeps side by side
+    python -m analysis.report --sweep sweepA --sweep sweepB     # two sweeps, one after the other
 
-Writes `<out>/index.html` (default `report/`) with PNG figures embedded, rebuilt from the Parquet
-tables alone: per plain trial (no ETD) the gradient-accounting, rewinding, retraining and flip
-figures; per ETD trial its accuracy per mode and subset beside its plain twin; and a findings
-table: each of the paper's findings (EXPERIMENTS.md), the value measured in each sweep, the
-paper's, and whether they agree, with the criterion used.
+Writes `<out>/index.html` (default `report/`), rebuilt from the results store alone. Per sweep: a
+summary (one line per finding across cells, e.g. "4a: agree in 2/2 plain cells"), the per-cell
+verdict table of `analysis.findings` (seeds pooled, controls, intervals, Holm), then per cell its
+figures (gradient norms with the control; rewinding classes as a groups x snapshots map; the flip
+edits' collateral, noisy vs clean targets; ETD accuracy over epochs per mode and subset; the clean
+examples `drop` forgets beside kept ones, drawn by the trial), then per-trial detail.
 
 Exit codes: 0 written; 1 the store cannot be read (missing, or a corrupt fragment, named); 2 bad
 input (unknown sweep).
@@ -18,21 +19,15 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
-import math
 import os
 import sys
 from collections import defaultdict
-from typing import Any
 
-from memray import plots
-from memray.config import ExperimentConfig
+from memray import plots, tables
 from memray.tables import write_local
 
-from . import findings
+from .findings import Cell, Verdict, judge_sweep, load_cells, rewinding_classes, summary_lines
 from .store import Store, open_for_cli
-
-Entry = dict[str, Any]  # finding, cell, paper, measured, verdict, criterion
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,179 +41,104 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rows(store: Store, table: str, sweep: str, key: str) -> list[dict]:
-    return store.rows(f"select * from {table} where sweep = ? and trial_key = ?", [sweep, key])
-
-
-def twin_key(config_json: str) -> str:
-    """trial_key of the plain twin: the same recipe with dropout none (as the grid builds it)."""
-    d = json.loads(config_json)
-    d["dropout"] = {"kind": "none"}
-    return ExperimentConfig.from_dict(d).trial_key
-
-
-def _final(evals: list[dict], mode: str, subset: str) -> float:
-    sel = [r for r in evals if r["mode"] == mode and r["subset"] == subset]
-    if not sel:
-        return math.nan
-    last = max(r["epoch"] for r in sel)
-    return next(r["accuracy"] for r in sel if r["epoch"] == last)
-
-
-def _fmt(v: float, pct: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{100 * v:.1f}%" if pct else f"{v:.3g}"
-
-
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("agree" if ok else "differ")
-
-
-def plain_findings(store: Store, sweep: str, t: dict) -> tuple[list[Entry], dict[str, list[dict]]]:
-    """Findings 1-4 for one plain trial; also returns its analysis rows for the figures."""
-    key, cell = t["trial_key"], f"{t['dataset']}/{t['arch']} noise {t['noise_rate']:g} seed {t['seed']}"
-    tabs = {name: _rows(store, name, sweep, key) for name in ("gradients", "rewinding", "retraining", "flips")}
-    evals = _rows(store, "evals", sweep, key)
-    out: list[Entry] = []
-    if tabs["gradients"]:
-        g = findings.gradient_findings(tabs["gradients"], t["noise_rate"])
-        share = g["noisy_grad_norm_share"]
-        low = min(share.values()) if share else math.nan
-        out.append({"finding": "1. Noisy examples' gradient norm is of the same order as clean examples'",
-                    "cell": cell, "paper": "noisy share of gradient norm >> noisy share of data, every group",
-                    "measured": f"min over groups {_fmt(low, True)} vs data {_fmt(t['noise_rate'], True)}",
-                    "verdict": _verdict(None if math.isnan(low) else low > t["noise_rate"]),
-                    "criterion": "every group's noisy / (clean + noisy) norm share > noise rate"})
-        pts = [r for r in tabs["gradients"] if not math.isnan(r["cosine"])]
-        neg = sum(r["cosine"] < 0 for r in pts) / len(pts) if pts else math.nan
-        out.append({"finding": "1. Clean and noisy gradients point in opposing directions",
-                    "cell": cell, "paper": "negative cosine through much of training",
-                    "measured": f"{_fmt(neg, True)} of (group, epoch) cosines < 0",
-                    "verdict": _verdict(None if math.isnan(neg) else neg >= 0.5),
-                    "criterion": ">= 50% of (group, epoch) points have cosine < 0"})
-    final_noisy = _final(evals, "plain", "train_noisy")
-    if tabs["rewinding"]:
-        r = findings.rewinding_findings(tabs["rewinding"], final_noisy)
-        out.append({"finding": "2. Rewinding one group leaves memorization largely intact",
-                    "cell": cell, "paper": "most groups keep train_noisy accuracy",
-                    "measured": f"{r['n_groups_keeping']}/{r['n_groups']} groups keep >= 80% of "
-                                f"train_noisy {_fmt(final_noisy)} after rewinding to epoch 0",
-                    "verdict": _verdict(r["n_groups_keeping"] > r["n_groups"] / 2 if r["n_groups"] else None),
-                    "criterion": "more than half of the groups keep >= 80% of final train_noisy accuracy"})
-    if tabs["retraining"]:
-        r = findings.retraining_findings(tabs["retraining"])
-        out.append({"finding": "3. Retraining one group on clean data keeps memorization",
-                    "cell": cell, "paper": "for most groups, noisy given labels still predicted",
-                    "measured": f"{r['n_groups_still_memorizing']}/{r['n_groups']} groups still predict "
-                                f"> 50% of noisy labels",
-                    "verdict": _verdict(r["n_groups_still_memorizing"] > r["n_groups"] / 2 if r["n_groups"] else None),
-                    "criterion": "more than half of the groups still predict > 50% of noisy given labels"})
-    if tabs["flips"]:
-        f = findings.flip_findings(tabs["flips"], _final(evals, "plain", "test"))
-        gn, gc, rn = f["greedy_noisy_median"], f["greedy_clean_median"], f["random_noisy_median"]
-        out.append({"finding": "4. Noisy examples flip after far fewer units than clean ones",
-                    "cell": cell, "paper": "about 5 units for noisy examples, many more for clean",
-                    "measured": f"median greedy units: noisy {_fmt(gn)}, clean {_fmt(gc)} (random: noisy {_fmt(rn)})",
-                    "verdict": _verdict(None if math.isnan(gn) or math.isnan(gc) else gn < gc),
-                    "criterion": "greedy median for noisy targets < for clean targets"})
-        drop = f.get("median_test_drop_noisy_targets", math.nan)
-        out.append({"finding": "4. The flipping units are spread over sites; the edit costs little",
-                    "cell": cell, "paper": "several sites; small accuracy cost elsewhere",
-                    "measured": f"sites {f['greedy_sites']}; median test drop {_fmt(100 * drop)} points",
-                    "verdict": _verdict(None if math.isnan(drop) else len(f["greedy_sites"]) >= 2 and drop <= 0.02),
-                    "criterion": "greedy units on >= 2 sites and median post-edit test drop <= 2 points"})
-    return out, tabs
-
-
-def etd_findings(store: Store, sweep: str, t: dict, twin: dict | None) -> tuple[list[Entry], list[dict]]:
-    key = t["trial_key"]
-    cell = f"{t['dataset']}/{t['arch']} p_gen {t['p_gen']:g} p_mem {t['p_mem']:g} noise {t['noise_rate']:g}"
-    evals = _rows(store, "evals", sweep, key)
-    twin_evals = _rows(store, "evals", sweep, twin["trial_key"]) if twin else []
-    own, drop = _final(evals, "own", "train_noisy"), _final(evals, "drop", "train_noisy")
-    clean, test = _final(evals, "drop", "train_clean"), _final(evals, "drop", "test")
-    plain_test = _final(twin_evals, "plain", "test")
-    out = [{"finding": "5. ETD: dropping memorization units forgets the memorized examples",
-            "cell": cell, "paper": "train_noisy 100% (own) -> 3% (drop)",
-            "measured": f"own {_fmt(own, True)} -> drop {_fmt(drop, True)} (true labels under drop: "
-                        f"{_fmt(_final(evals, 'drop', 'train_noisy_true'), True)})",
-            "verdict": _verdict(None if math.isnan(own) or math.isnan(drop) else own >= 0.95 and drop <= 0.05),
-            "criterion": "own train_noisy >= 95% and drop train_noisy <= 5%"},
-           {"finding": "5. ETD: clean accuracy holds and the generalization gap shrinks",
-            "cell": cell, "paper": "train_clean stays high; drop test >= plain twin's test",
-            "measured": f"drop train_clean {_fmt(clean, True)}, drop test {_fmt(test, True)} vs plain twin "
-                        f"{_fmt(plain_test, True)}",
-            "verdict": _verdict(None if math.isnan(plain_test) or math.isnan(clean) else
-                                clean >= 0.95 and test >= plain_test - 0.01),
-            "criterion": "drop train_clean >= 95% and drop test >= twin test - 1 point"}]
-    return out, evals + [r for r in twin_evals if r["mode"] == "plain"]
-
-
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def build(store: Store, sweeps: list[str]) -> tuple[str, dict[str, list[Entry]], int]:
-    """(html, {sweep: findings}, number of figures)."""
-    entries: dict[str, list[Entry]] = {}
+def cell_figures(store: Store, cell: Cell) -> list[str]:
+    """The cell's figures: pooled over its seeds, or the first seed's where one trial is shown."""
+    figs = []
+    first = min(cell.seeds)
+    t = cell.seeds[first]
+    grads = [r for tt in cell.seeds.values() for r in tt["gradients"] if r.get("control_norm") is not None]
+    if grads:
+        figs.append(_img(plots.png(plots.gradient_control_figure(grads, f"{cell.name}: gradient accounting "
+                                                                        f"({len(cell.seeds)} seeds)")), "gradients"))
+    if t["rewinding"]:
+        epochs = sorted({r["rewind_epoch"] for r in t["rewinding"]})
+        per_epoch = [rewinding_classes(t["rewinding"], t["evals"], at=e) or {} for e in epochs]
+        groups = list(per_epoch[0])
+        grid = [[pe.get(g, "") for pe in per_epoch] for g in groups]
+        figs.append(_img(plots.png(plots.class_map_figure(groups, epochs, grid,
+                                                          f"{cell.name} seed {first}: rewinding classes")), "classes"))
+    flips = [r for tt in cell.seeds.values() for r in tt["flips"]
+             if r["method"] == "greedy" and r["flipped"] and r.get("pre_test_acc") is not None]
+    if flips:
+        costs = defaultdict(list)
+        for r in flips:
+            costs[r.get("target_kind") or ("noisy" if r["is_noisy"] else "clean")].append(
+                r["pre_test_acc"] - r["post_test_acc"])
+        figs.append(_img(plots.png(plots.flip_cost_figure(dict(costs), f"{cell.name}: flip edits' collateral")),
+                         "flip collateral"))
+    if cell.kind == "etd":
+        rows = [r for tt in cell.seeds.values() for r in tt["evals"]]
+        if cell.twin is not None:
+            rows += [r for tt in cell.twin.seeds.values() for r in tt["evals"]]
+        figs.append(_img(plots.png(plots.etd_curves_figure(rows, f"{cell.name}: accuracy per mode "
+                                                                 f"({len(cell.seeds)} seeds, mean)")), "etd curves"))
+        rel = f"figures/sweep={cell.sweep}/{cell.keys[first]}/forgotten.png"
+        if tables.exists(store.results, rel):
+            figs.append(_img(tables.read_bytes(store.results, rel), "forgotten vs kept"))
+    return figs
+
+
+def _verdict_table(verdicts: list[Verdict]) -> str:
+    cols = ("id", "finding", "cell", "protocol", "seeds", "n", "verdict", "value", "control", "interval_or_p",
+            "criterion")
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
+    body = []
+    for v in verdicts:
+        r = v.row()
+        body.append("<tr>" + "".join(f"<td class='{v.verdict if c == 'verdict' else ''}'>{html.escape(str(r[c]))}</td>"
+                                     for c in cols) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def build(store: Store, sweeps: list[str]) -> tuple[str, dict[str, list[Verdict]], int]:
+    """(html, {sweep: verdicts}, number of figures)."""
+    entries: dict[str, list[Verdict]] = {}
     sections, n_fig = [], 0
     for sweep in sweeps:
-        trials = store.rows("select * from trials where sweep = ? and status = 'done' order by dataset, arch, "
-                            "dropout, p_gen, p_mem, seed, trial_key", [sweep])
-        by_key = {t["trial_key"]: t for t in trials}
-        entries[sweep] = []
-        figs = []
-        for t in trials:
-            title = f"{sweep}: {t['dataset']} / {t['arch']} / {t['dropout']} (trial {t['trial_key']})"
-            if t["dropout"] == "none":
-                found, tabs = plain_findings(store, sweep, t)
-                entries[sweep] += found
-                for name, fn in plots.FIGURES.items():
-                    if tabs[name]:
-                        figs.append(_img(plots.png(fn(tabs[name], title)), f"{name} {t['trial_key']}"))
-            elif t["dropout"] == "example_tied":
-                found, rows = etd_findings(store, sweep, t, by_key.get(twin_key(t["config_json"])))
-                entries[sweep] += found
-                if rows:
-                    figs.append(_img(plots.png(plots.etd_figure(rows, title)), f"etd {t['trial_key']}"))
-        n_fig += len(figs)
-        failed = store.rows("select trial_key, error from trials where sweep = ? and status = 'failed'", [sweep])
-        sections.append(f"<h2>Sweep {html.escape(sweep)}</h2><p>{len(trials)} finished trials"
-                        + (f"; {len(failed)} failed: " + ", ".join(html.escape(f"{r['trial_key']} ({r['error']})")
-                                                                 for r in failed) if failed else "")
-                        + "</p><div class='figs'>" + "\n".join(figs) + "</div>")
-    return _page(sweeps, entries, sections, store), entries, n_fig
+        cells = load_cells(store, sweep)
+        verdicts = judge_sweep(cells)
+        entries[sweep] = verdicts
+        protocols = sorted({c.protocol for c in cells})
+        trials = store.rows("select trial_key, seed, status, wall_s, error, config_json from trials where sweep = ? "
+                            "order by trial_key", [sweep])
+        summary = "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(verdicts))
+        figs_html = []
+        for cell in cells:
+            figs = cell_figures(store, cell)
+            n_fig += len(figs)
+            figs_html.append(f"<h3>{html.escape(cell.name)} (seeds {sorted(cell.seeds)})</h3>"
+                             f"<div class='figs'>{''.join(figs)}</div>")
+        name_of = {k: c.name for c in cells for k in c.keys.values()}
+        detail = "".join(
+            f"<tr><td>{html.escape(t['trial_key'])}</td><td>{html.escape(name_of.get(t['trial_key'], '-'))}</td>"
+            f"<td>{t['seed']}</td><td>{html.escape(t['status'])}</td><td>{(t['wall_s'] or 0):.1f}</td>"
+            f"<td>{html.escape(t['error'] or '')}</td></tr>" for t in trials)
+        sections.append(
+            f"<h2>Sweep {html.escape(sweep)} (protocol {', '.join(map(str, protocols)) or '-'})</h2>"
+            f"<h3>Summary</h3><ul>{summary}</ul>"
+            f"<h3>Verdicts per cell (seeds pooled)</h3>{_verdict_table(verdicts)}"
+            f"<h3>Figures per cell</h3>{''.join(figs_html)}"
+            f"<h3>Trials</h3><table><tr><th>trial_key</th><th>cell</th><th>seed</th><th>status</th>"
+            f"<th>wall s</th><th>error</th></tr>{detail}</table>")
+    return _page(sweeps, sections, store), entries, n_fig
 
 
-def _page(sweeps: list[str], entries: dict[str, list[Entry]], sections: list[str], store: Store) -> str:
-    keys: dict[tuple[str, str], dict] = {}
-    for sweep in sweeps:
-        for e in entries[sweep]:
-            keys.setdefault((e["finding"], e["cell"]), {"paper": e["paper"], "criterion": e["criterion"]})[sweep] = e
-    head = "".join(f"<th>{html.escape(s)}</th>" for s in sweeps)
-    body = []
-    for (finding, cell), row in sorted(keys.items()):
-        cols = "".join(
-            f"<td class='{row[s]['verdict']}'>{html.escape(row[s]['measured'])}<br><b>{row[s]['verdict']}</b></td>"
-            if s in row else "<td>-</td>" for s in sweeps)
-        body.append(f"<tr><td>{html.escape(finding)}</td><td>{html.escape(cell)}</td>"
-                    f"<td>{html.escape(row['paper'])}</td>{cols}<td>{html.escape(row['criterion'])}</td></tr>")
-    counts = {s: defaultdict(int) for s in sweeps}
-    for s in sweeps:
-        for e in entries[s]:
-            counts[s][e["verdict"]] += 1
-    tally = "; ".join(f"{html.escape(s)}: {c['agree']} agree, {c['differ']} differ" for s, c in counts.items())
+def _page(sweeps: list[str], sections: list[str], store: Store) -> str:
     skipped = "".join(f"<li>skipped corrupt fragment {html.escape(p)}: {html.escape(r)}</li>" for p, r in store.skipped)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Memorization localization report</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:90%}}
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:85%}}
 td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}} .agree{{background:#e6f4e6}}
-.differ{{background:#fbe3e3}} .figs img{{max-width:48%;margin:4px;border:1px solid #eee}}</style></head><body>
+.differ{{background:#fbe3e3}} .inconclusive{{background:#f4f0dc}}
+.figs img{{max-width:48%;margin:4px;border:1px solid #eee}}</style></head><body>
 <h1>Where is memorization stored? Findings vs Maini et al. (ICML 2023)</h1>
-<p>Results: {html.escape(store.results)}; sweeps: {html.escape(", ".join(sweeps))}. {tally}.</p>
+<p>Results: {html.escape(store.results)}; sweeps: {html.escape(", ".join(sweeps))}. Verdicts follow the rules of
+EXPERIMENTS.md fixed before any run: seeds pooled per cell (t-intervals), rank tests on targets, Holm over the
+placebo-gated tests of a sweep; sweeps and protocols are never pooled.</p>
 {"<ul>" + skipped + "</ul>" if skipped else ""}
-<h2>Findings</h2><table><tr><th>finding</th><th>cell</th><th>paper</th>{head}<th>criterion</th></tr>
-{"".join(body)}</table>
 {"".join(sections)}
 </body></html>
 """
@@ -242,7 +162,7 @@ def main(argv=None) -> int:
         return 2
     page, entries, n_fig = build(store, sweeps)
     write_local(os.path.join(args.out, "index.html"), page.encode())
-    agree = sum(e["verdict"] == "agree" for v in entries.values() for e in v)
+    agree = sum(e.verdict == "agree" for v in entries.values() for e in v)
     total = sum(len(v) for v in entries.values())
     print(f"wrote {os.path.join(args.out, 'index.html')}: {len(sweeps)} sweep(s), {n_fig} figures, "
           f"{total} findings ({agree} agree)")

@@ -24,6 +24,11 @@ ARCHS = ("mlp", "lenet", "resnet9", "resnet50", "vit_small")
 # arch -> datasets with a 1-D signal it cannot take (ResNet-50 is defined for images only).
 ARCH_REJECTS_1D = ("resnet50",)
 DROPOUT_KINDS = ("none", "standard", "example_tied")
+NOISE_KINDS = ("label", "placebo")  # placebo: the "noisy" examples keep their true labels
+PROTOCOL = 2  # EXPERIMENTS.md's version: results of different protocols are never pooled
+# Fields added after protocol 2: left out of the canonical form (so of the trial key) while they
+# hold these defaults, so adding one keeps every existing key.
+OMIT_AT_DEFAULT: dict[tuple[str, str], Any] = {}
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
 ANALYSES = ("gradients", "rewind", "retrain", "flip")
@@ -73,6 +78,7 @@ class DataConfig:
     dataset: str = "digits"
     noise_rate: float = 0.1  # fraction of training labels replaced by a different class
     data_seed: int = 0  # chooses the noisy examples and their wrong labels
+    noise_kind: str = "label"  # label: wrong labels; placebo: the same examples keep their labels
     train_limit: int | None = None  # keep only the first N training examples (quick checks)
     augment: bool = False  # on-device random crop + flip (images); off for memorization runs
 
@@ -80,6 +86,7 @@ class DataConfig:
         _require(self.dataset in DATASETS, "data.dataset", self.dataset, f"one of {list(DATASETS)}")
         _require(_is_num(self.noise_rate) and 0 <= self.noise_rate < 1,
                  "data.noise_rate", self.noise_rate, "a number in [0, 1)")
+        _require(self.noise_kind in NOISE_KINDS, "data.noise_kind", self.noise_kind, f"one of {list(NOISE_KINDS)}")
         _require(isinstance(self.data_seed, int), "data.data_seed", self.data_seed, "an integer")
         _require(self.train_limit is None or (isinstance(self.train_limit, int)
                                               and self.train_limit >= 10),
@@ -169,11 +176,16 @@ class AnalysisConfig:
     """Which analyses run, and their budgets (EXPERIMENTS.md sections 1-4)."""
 
     run: tuple[str, ...] = ANALYSES
-    snapshot_epochs: tuple[int, ...] = (0, 1, 2, 5, 10)  # weight snapshots for rewinding
+    # Weight snapshots for rewinding (section 2): epoch 0, the first epoch whose train_noisy (mode
+    # `own` for ETD) reaches each threshold, the final epoch, and these fixed epochs.
+    snapshot_thresholds: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)
+    snapshot_epochs: tuple[int, ...] = ()
     retrain_epoch: int = 0  # snapshot a group is rewound to before retraining
+    # retraining (section 3), the authors' budget: SGD momentum 0.9, a triangle to this peak lr
     retrain_lr: float = 0.01
+    retrain_weight_decay: float = 5e-4
     retrain_max_epochs: int = 20
-    retrain_patience: int = 3  # stop once clean train accuracy is 100% this many epochs in a row
+    retrain_patience: int = 3  # stop once clean train accuracy has been 100% in this many epochs
     flip_targets: int = 32  # noisy targets (and as many clean ones)
     flip_budget: int = 64  # most units zeroed per target
     flip_reference: int = 64  # clean reference batch size
@@ -187,10 +199,14 @@ class AnalysisConfig:
         _require(self.flip_sites is None or (len(self.flip_sites) > 0 and all(
                      isinstance(x, int) and x >= 0 for x in self.flip_sites)), "analyses.flip_sites",
                  self.flip_sites, "null (every site) or a non-empty list of site indices >= 0")
-        _require(len(self.snapshot_epochs) > 0 and all(isinstance(e, int) and e >= 0 for e in self.snapshot_epochs),
-                 "analyses.snapshot_epochs", list(self.snapshot_epochs), "a non-empty list of epochs >= 0")
-        _require(self.retrain_epoch in self.snapshot_epochs, "analyses.retrain_epoch", self.retrain_epoch,
-                 f"one of the snapshot epochs {list(self.snapshot_epochs)}")
+        _require(all(isinstance(e, int) and e >= 0 for e in self.snapshot_epochs),
+                 "analyses.snapshot_epochs", list(self.snapshot_epochs), "a list of epochs >= 0")
+        _require(all(_is_num(t) and 0 < t <= 1 for t in self.snapshot_thresholds),
+                 "analyses.snapshot_thresholds", list(self.snapshot_thresholds), "numbers in (0, 1]")
+        _require(self.retrain_epoch == 0 or self.retrain_epoch in self.snapshot_epochs, "analyses.retrain_epoch",
+                 self.retrain_epoch, f"0 or one of the fixed snapshot epochs {list(self.snapshot_epochs)}")
+        _require(_is_num(self.retrain_weight_decay) and self.retrain_weight_decay >= 0,
+                 "analyses.retrain_weight_decay", self.retrain_weight_decay, "a number >= 0")
         for name in ("retrain_max_epochs", "retrain_patience", "flip_targets", "flip_reference",
                      "flip_targets_per_batch", "eval_samples"):
             v = getattr(self, name)
@@ -210,6 +226,7 @@ class ExperimentConfig:
     analyses: AnalysisConfig = field(default_factory=AnalysisConfig)
     seed: int = 0  # model init, batch order, dropout draws
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    protocol: int = PROTOCOL  # EXPERIMENTS.md's version these numbers follow (part of the key)
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> "ExperimentConfig":
@@ -219,6 +236,9 @@ class ExperimentConfig:
         self.optim.validate()
         self.analyses.validate()
         _require(isinstance(self.seed, int), "seed", self.seed, "an integer")
+        _require(self.protocol == PROTOCOL, "protocol", self.protocol,
+                 f"{PROTOCOL} (this code runs EXPERIMENTS.md's protocol {PROTOCOL}; results of another "
+                 f"protocol are read, never re-run or pooled)")
         _require(isinstance(self.eval_every, int) and self.eval_every >= 1, "eval_every",
                  self.eval_every, "an integer >= 1")
         if self.data.dataset in ONE_D_DATASETS and self.model.arch in ARCH_REJECTS_1D:
@@ -232,7 +252,11 @@ class ExperimentConfig:
         return _plain(dataclasses.asdict(self))
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = self.to_dict()
+        for (section, name), default in OMIT_AT_DEFAULT.items():
+            if d[section].get(name) == default:
+                del d[section][name]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property
     def trial_key(self) -> str:
@@ -257,7 +281,7 @@ class ExperimentConfig:
             raise ConfigError("config", d, "a mapping")
         sections = {"data": DataConfig, "model": ModelConfig, "dropout": DropoutConfig,
                     "optim": OptimConfig, "analyses": AnalysisConfig}
-        scalars = {"seed", "eval_every"}
+        scalars = {"seed", "eval_every", "protocol"}
         kwargs: dict[str, Any] = {}
         for k, v in d.items():
             if k in sections:

@@ -138,7 +138,9 @@ def _torchvision(name: str, root: Path, download: bool):
 
 def load_data(cfg: DataConfig, data_dir: str | os.PathLike | None = None, download: bool = False,
               device: torch.device | str = "cpu") -> Data:
-    """Load, standardise (train statistics, per channel), limit, add label noise, move to device."""
+    """Load, standardise (train statistics, per channel), limit, add label noise, move to device.
+    With `noise_kind` placebo the noisy examples are chosen as for label noise but keep their true
+    labels (EXPERIMENTS.md, "Label noise, and its placebo")."""
     if cfg.dataset == "digits":
         x_tr, y_tr, x_te, y_te, k = _digits()
     elif cfg.dataset == "mnist1d":
@@ -151,6 +153,8 @@ def load_data(cfg: DataConfig, data_dir: str | os.PathLike | None = None, downlo
     mean, std = x_tr.mean(dims, keepdim=True), x_tr.std(dims, keepdim=True).clamp_min(1e-6)
     x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
     given, mask = add_label_noise(y_tr, k, cfg.noise_rate, cfg.data_seed)
+    if cfg.noise_kind == "placebo":  # the same examples are marked noisy, with their true labels
+        given = y_tr.clone()
     return Data(cfg.dataset, x_tr.contiguous(), given, y_tr, mask, x_te.contiguous(), y_te, k).to(device)
 
 

@@ -38,7 +38,7 @@ from .probes.retraining import retrain_item
 from .probes.rewinding import rewind_item
 from .summary import epoch_metrics, final_metrics, flip_summary
 from .tables import TrialStore
-from .train import Diverged, Trainer, load_state, pick_device, save_state
+from .train import Diverged, Trainer, example_correctness, load_state, pick_device, save_state
 
 WorkItem = tuple
 Rows = list[dict[str, Any]]
@@ -107,7 +107,8 @@ class AnalysisRunner:
             a = self.cfg.analyses
             e = a.retrain_epoch
             return "retraining", retrain_item(self.model, g, self.snapshots[e], e, self.data, self.etd,
-                                              lr=a.retrain_lr, max_epochs=a.retrain_max_epochs,
+                                              lr=a.retrain_lr, weight_decay=a.retrain_weight_decay,
+                                              max_epochs=a.retrain_max_epochs,
                                               patience=a.retrain_patience,
                                               batch_size=self.cfg.optim.batch_size, seed=self.cfg.seed)
         if kind == "flip":
@@ -267,7 +268,26 @@ class Trial:
                 produced[table] += rows
         for table, rows in produced.items():
             out[table] = sorted(rows, key=ROW_ORDER[table])
+        tr = self.trainer
+        if tr.etd is not None:
+            out["etd_examples"] = example_correctness(tr.model, tr.data, tr.etd)
         return out
+
+    def forgotten_figure(self, title: str, n: int = 8) -> bytes | None:
+        """The clean examples `drop` forgets (right under `own`, wrong under `drop`) beside as many
+        randomly chosen clean examples it keeps (EXPERIMENTS.md finding 5b), drawn from the data."""
+        rows = [r for r in self.tables.get("etd_examples", []) if not r["is_noisy"] and r["own_correct"]]
+        if not rows:
+            return None
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        groups = {}
+        for label, want in (("forgotten by drop", False), ("kept by drop", True)):
+            ids = torch.tensor([r["example_id"] for r in rows if r["drop_correct"] == want], dtype=torch.long)
+            ids = ids[torch.randperm(len(ids), generator=g)[:n]].sort().values
+            y = self.data.y_train[ids.to(self.data.device)].tolist()
+            groups[f"{label}\n({len(ids)} shown)"] = (self.data.x_train[ids.to(self.data.device)].cpu().numpy(),
+                                                      [f"#{i} y={c}" for i, c in zip(ids.tolist(), y)])
+        return plots.png(plots.examples_figure(groups, f"{title}: clean examples forgotten vs kept"))
 
     def _write(self, table: str, rows: Rows) -> None:
         if self.store is not None:
@@ -285,7 +305,11 @@ class Trial:
         if self.store is not None:
             c = self.cfg
             title = f"{c.data.dataset} / {c.model.arch} / {c.dropout.kind} (trial {self.key})"
-            for name, png in plots.trial_figures(self.tables, title).items():
+            figures = plots.trial_figures(self.tables, title)
+            forgotten = self.forgotten_figure(title)
+            if forgotten is not None:
+                figures["forgotten"] = forgotten
+            for name, png in figures.items():
                 self.store.write_figure(name, png)
         self.timed("write", t)
         final = {**self.trainer.final(), **flip_summary(self.tables.get("flips", []))}

@@ -7,15 +7,13 @@ Every model takes 2-D images [B, C, H, W]; all but ResNet-50 also take 1-D signa
 |-----------|----------------------------------------------|---------|------------------------------|
 | mlp       | hidden neurons in each of 3 hidden layers    | 512     | 3 (after each hidden ReLU)   |
 | lenet     | conv1 channels (conv2 2w, fc 8w and 4w)      | 16      | 4 (conv1, conv2, fc1, fc2)   |
-| resnet9   | base channels c (blocks c, 2c, 2c, 2c, 4c,   | 16      | 8 (after every conv-BN-ReLU) |
-|           | 4c, 4c, 8c; the paper's ResNet-9 has c=64)   |         |                              |
+| resnet9   | base channels c (the authors' ResNet-9:      | 16      | 6 (the authors' dropout      |
+|           | c, 2c, 2c, 2c, 4c, 4c, 4c, 2c; theirs c=64)  |         | places, see ResNet9)         |
 | resnet50  | bottleneck width per group (64 = standard)   | 64      | 17 (stem, each bottleneck)   |
 | vit_small | embedding dim (6 blocks, 4 heads, MLP 4x)    | 64      | 6 (each block's MLP hidden)  |
 
-ResNet-9 on 8x8 `digits`: the paper's net pools four times (32 -> 2 before its final pool) and
-collapses to 0x0 on 8x8 inputs. Here it pools after conv2, conv3 and conv4 only (8 -> 4 -> 2 -> 1)
-and the head takes a global max pool, so every input size from 8 up keeps at least one position;
-on 32x32 this gives a 4x4 map before the global pool, as in the common ResNet-9. ResNet-50 is
+ResNet-9 is the authors' (see `ResNet9`), with conv4 padded where its input map is smaller than
+3. ResNet-50 is
 torchvision's with a 3x3 stride-1 stem and no max-pool (the usual small-image adaptation).
 """
 from __future__ import annotations
@@ -77,44 +75,58 @@ class LeNet(SiteModel):
 
 
 # ----------------------------------------------------------------------------- ResNet-9
-class ConvBlock(nn.Sequential):
-    """conv3x3 -> BN -> ReLU + site (-> max-pool)."""
+class ConvBN(nn.Sequential):
+    """conv (no bias) -> BN -> ReLU; with `site`, the ReLU is a Site's (a dropout / flip site)."""
 
-    def __init__(self, c_in: int, c_out: int, one_d: bool, pool: bool = False):
-        Conv, Norm, Pool, _ = _ops(one_d)
-        layers = [Conv(c_in, c_out, 3, padding=1, bias=False), Norm(c_out), Site(c_out, relu=True)]
-        if pool:
-            layers.append(Pool(2))
-        super().__init__(*layers)
+    def __init__(self, c_in: int, c_out: int, one_d: bool, kernel: int = 3, stride: int = 1, padding: int = 1,
+                 site: bool = False):
+        Conv, Norm, _, _ = _ops(one_d)
+        super().__init__(Conv(c_in, c_out, kernel, stride=stride, padding=padding, bias=False), Norm(c_out),
+                         Site(c_out, relu=True) if site else nn.ReLU())
 
 
 class ResNet9(SiteModel):
+    """The authors' ResNet-9 (`models.py`, `ResNet9` and `ResNet9_dropout`), width c = 64 there:
+
+        conv1 3x3 c -> conv2 5x5 stride 2, 2c -> res1 (2c, 2c) -> conv3 3x3 4c -> max-pool 2
+        -> res2 (4c, 4c) -> conv4 3x3 unpadded 2c -> global max-pool -> linear (no bias) x 0.2
+
+    channels (64, 128, 128, 128, 256, 256, 256, 128) x c / 64. Sites are where the authors put
+    their dropout: after conv1, conv2, res1's output, conv3, res2's output and conv4.
+    One departure: where the map before conv4 is smaller than 3 (8x8 digits: 2x2), conv4 is padded
+    by 1 (unpadded, it would leave no position)."""
+
     GROUPS = ("conv1", "conv2", "res1a", "res1b", "conv3", "res2a", "res2b", "conv4")
 
     def __init__(self, in_shape: tuple[int, ...], num_classes: int, width: int = 16):
         super().__init__()
         one_d = len(in_shape) == 2
         c = width
-        self.conv1 = ConvBlock(in_shape[0], c, one_d)
-        self.conv2 = ConvBlock(c, 2 * c, one_d, pool=True)
-        self.res1a = ConvBlock(2 * c, 2 * c, one_d)
-        self.res1b = ConvBlock(2 * c, 2 * c, one_d)
-        self.conv3 = ConvBlock(2 * c, 4 * c, one_d, pool=True)
-        self.res2a = ConvBlock(4 * c, 4 * c, one_d)
-        self.res2b = ConvBlock(4 * c, 4 * c, one_d)
-        self.conv4 = ConvBlock(4 * c, 8 * c, one_d, pool=True)
-        self.pool = _ops(one_d)[3](1)
-        self.head = nn.Linear(8 * c, num_classes, bias=False)
+        _, _, Pool, GlobalPool = _ops(one_d)
+        self.conv1 = ConvBN(in_shape[0], c, one_d, site=True)
+        self.conv2 = ConvBN(c, 2 * c, one_d, kernel=5, stride=2, padding=2, site=True)
+        self.res1a = ConvBN(2 * c, 2 * c, one_d)
+        self.res1b = ConvBN(2 * c, 2 * c, one_d)
+        self.res1 = Site(2 * c)
+        self.conv3 = ConvBN(2 * c, 4 * c, one_d, site=True)
+        self.pool3 = Pool(2)
+        self.res2a = ConvBN(4 * c, 4 * c, one_d)
+        self.res2b = ConvBN(4 * c, 4 * c, one_d)
+        self.res2 = Site(4 * c)
+        before_conv4 = min(((s - 1) // 2 + 1) // 2 for s in in_shape[1:])  # conv2 stride 2, then the pool
+        self.conv4 = ConvBN(4 * c, 2 * c, one_d, padding=0 if before_conv4 >= 3 else 1, site=True)
+        self.pool = GlobalPool(1)
+        self.head = nn.Linear(2 * c, num_classes, bias=False)
         self.layer_groups = [(n, [n]) for n in self.GROUPS] + [("head", ["head"])]
         self._register_sites()
 
     def body(self, x):
         x = self.conv2(self.conv1(x))
-        x = x + self.res1b(self.res1a(x))
-        x = self.conv3(x)
-        x = x + self.res2b(self.res2a(x))
+        x = self.res1(x + self.res1b(self.res1a(x)))
+        x = self.pool3(self.conv3(x))
+        x = self.res2(x + self.res2b(self.res2a(x)))
         x = self.conv4(x)
-        return self.head(self.pool(x).flatten(1)) * 0.125  # the ResNet-9 logit scale
+        return self.head(self.pool(x).flatten(1)) * 0.2  # the authors' logit scale (Mul(0.2))
 
 
 # ----------------------------------------------------------------------------- ResNet-50

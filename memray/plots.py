@@ -163,6 +163,122 @@ def etd_figure(rows: Rows, title: str = "") -> plt.Figure:
     return fig
 
 
+def examples_figure(groups: dict[str, tuple[Any, list[str]]], title: str = "") -> plt.Figure:
+    """Rows of training examples, one row per group: {row label: (array (n, C, H, W) images or
+    (n, C, L) signals, one caption per example)}. Images are drawn as pictures, signals as lines."""
+    n_cols = max((len(x) for x, _ in groups.values()), default=1) or 1
+    fig, axes = plt.subplots(len(groups), n_cols, figsize=(1.5 * n_cols + 1.5, 1.9 * len(groups)), squeeze=False)
+    for r, (label, (x, captions)) in enumerate(groups.items()):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(x):
+                ax.axis("off")
+                continue
+            v = x[c]
+            if v.ndim == 3:  # (C, H, W)
+                ax.imshow(v[0] if v.shape[0] == 1 else v.transpose(1, 2, 0).clip(0, 1),
+                          cmap="gray_r" if v.shape[0] == 1 else None)
+            else:  # (C, L)
+                for ch in v:
+                    ax.plot(ch, lw=0.8)
+            ax.set_title(captions[c], fontsize=7)
+        axes[r][0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title or "Examples")
+    fig.tight_layout()
+    return fig
+
+
+def gradient_control_figure(rows: Rows, title: str = "") -> plt.Figure:
+    """Gradient accounting with its control (section 1): per layer group, over epochs, the noisy
+    aggregate's norm over the clean one's and over the control subset's (mean over the rows of an
+    epoch, e.g. over seeds), with the thresholds of finding 1a; and the cosines beside the control."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    groups = _groups(rows)
+    cmap = plt.get_cmap("viridis", max(2, len(groups)))
+    for gi, (idx, name) in enumerate(groups):
+        by_epoch: dict[int, list[dict]] = defaultdict(list)
+        for r in rows:
+            if r["layer_index"] == idx:
+                by_epoch[int(r["epoch"])].append(r)
+        ep = sorted(by_epoch)
+
+        def mean(key, f=lambda r, k: r[k]):
+            return [sum(f(r, key) for r in by_epoch[e]) / len(by_epoch[e]) for e in ep]
+
+        ratio = (lambda r, k: r["noisy_norm"] / r[k] if r[k] else math.nan)
+        axes[0].plot(ep, mean("clean_norm", ratio), color=cmap(gi), label=name)
+        axes[1].plot(ep, mean("control_norm", ratio), color=cmap(gi), label=name)
+        axes[2].plot(ep, mean("cosine"), color=cmap(gi), label=name)
+        axes[2].plot(ep, mean("control_cosine"), color=cmap(gi), ls=":")
+    for ax, thr, t in ((axes[0], 0.5, "noisy / clean aggregate norm"), (axes[1], 2.0, "noisy / control norm")):
+        ax.axhline(thr, color="k", ls="--", lw=0.8)
+        ax.set(yscale="log", xlabel="epoch", title=t)
+    axes[2].axhline(0, color="k", lw=0.8)
+    axes[2].set(xlabel="epoch", title="cosine clean/noisy (solid), control (dotted)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "Gradient accounting with the control subset")
+    fig.tight_layout()
+    return fig
+
+
+CLASS_COLORS = {"redundant": "#4c9a2a", "partial": "#bbbbbb", "critical": "#c0392b", "damaged": "#555555"}
+
+
+def class_map_figure(groups: list[str], epochs: list[int], classes: list[list[str]], title: str = "") -> plt.Figure:
+    """Rewinding classes (section 2) as a groups x snapshots map: classes[g][j] for group g
+    rewound to snapshot epochs[j] ('' where unknown)."""
+    from matplotlib.colors import ListedColormap
+
+    names = list(CLASS_COLORS)
+    grid = [[names.index(c) if c in names else math.nan for c in row] for row in classes]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * max(1, len(epochs)), 0.5 + 0.4 * max(1, len(groups))))
+    ax.imshow(grid, cmap=ListedColormap([CLASS_COLORS[n] for n in names]), vmin=0, vmax=len(names) - 1,
+              aspect="auto")
+    for g, row in enumerate(classes):
+        for j, c in enumerate(row):
+            ax.text(j, g, c[:4], ha="center", va="center", fontsize=7, color="white" if c else "k")
+    ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
+    ax.set_yticks(range(len(groups)), groups)
+    ax.set(xlabel="rewound to epoch", title=title or "Rewinding classes")
+    fig.tight_layout()
+    return fig
+
+
+def flip_cost_figure(costs: dict[str, list[float]], title: str = "") -> plt.Figure:
+    """Collateral of the flip edits (finding 4d): each edit's drop in test accuracy on the fixed
+    samples, per target kind."""
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    kinds = [k for k in costs if costs[k]]
+    ax.boxplot([[100 * c for c in costs[k]] for k in kinds], tick_labels=kinds)
+    ax.set(ylabel="test accuracy lost (points)", title=title or "Flip edits: accuracy lost elsewhere")
+    fig.tight_layout()
+    return fig
+
+
+def etd_curves_figure(rows: Rows, title: str = "") -> plt.Figure:
+    """ETD accuracy over epochs, one panel per subset, one line per mode (own, all, drop; plain for
+    the twin's rows), mean over the rows of an epoch (e.g. over seeds)."""
+    fig, axes = plt.subplots(1, len(SUBSETS), figsize=(15, 3.4), sharey=True)
+    for ax, subset in zip(axes, SUBSETS):
+        for mode in MODES:
+            acc: dict[int, list[float]] = defaultdict(list)
+            for r in rows:
+                if r["mode"] == mode and r["subset"] == subset:
+                    acc[int(r["epoch"])].append(r["accuracy"])
+            if acc:
+                ep = sorted(acc)
+                ax.plot(ep, [sum(acc[e]) / len(acc[e]) for e in ep], color=MODE_COLORS[mode],
+                        label="plain twin" if mode == "plain" else mode)
+        ax.set(title=subset, xlabel="epoch", ylim=(0, 1.02))
+    axes[0].set_ylabel("accuracy")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(title or "Example-tied dropout over training")
+    fig.tight_layout()
+    return fig
+
+
 def png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -27,8 +27,9 @@ SCHEMAS: dict[str, pa.Schema] = {
                          ("finished_at", pa.timestamp("us", tz="UTC")), ("command", pa.string()),
                          ("preset", pa.string()), ("n_trials", pa.int32()), ("git_sha", pa.string()),
                          ("ray_address", pa.string())]),
-    "trials": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("dataset", pa.string()),
-                         ("arch", pa.string()), ("width", pa.int32()), ("noise_rate", pa.float64()),
+    "trials": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("protocol", pa.int32()),
+                         ("dataset", pa.string()), ("arch", pa.string()), ("width", pa.int32()),
+                         ("noise_rate", pa.float64()), ("noise_kind", pa.string()), ("data_seed", pa.int32()),
                          ("dropout", pa.string()), ("p_gen", pa.float64()), ("p_mem", pa.float64()),
                          ("seed", pa.int32()), ("epochs", pa.int32()), ("status", pa.string()),
                          ("attempts", pa.int32()), ("wall_s", pa.float64()), ("device", pa.string()),
@@ -38,19 +39,23 @@ SCHEMAS: dict[str, pa.Schema] = {
                         ("mode", pa.string()), ("subset", pa.string()), ("accuracy", pa.float64()),
                         ("loss", pa.float64()), ("n", pa.int32())]),
     "gradients": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("epoch", pa.int32()),
-                            ("layer_index", pa.int32()), ("layer_name", pa.string()),
+                            ("layer_index", pa.int32()), ("layer_name", pa.string()), ("aggregation", pa.string()),
                             ("clean_norm", pa.float64()), ("noisy_norm", pa.float64()),
-                            ("cosine", pa.float64())]),
+                            ("control_norm", pa.float64()), ("cosine", pa.float64()),
+                            ("control_cosine", pa.float64())]),
     "rewinding": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("layer_index", pa.int32()),
                             ("layer_name", pa.string()), ("rewind_epoch", pa.int32()), ("subset", pa.string()),
                             ("accuracy", pa.float64())]),
     "flips": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("example_id", pa.int64()),
-                        ("is_noisy", pa.bool_()), ("given_label", pa.int32()), ("true_label", pa.int32()),
-                        ("method", pa.string()), ("flipped", pa.bool_()), ("n_units", pa.int32()),
-                        ("units", _units), ("post_clean_acc", pa.float64()), ("post_noisy_acc", pa.float64()),
-                        ("post_test_acc", pa.float64())]),
+                        ("target_kind", pa.string()), ("is_noisy", pa.bool_()), ("given_label", pa.int32()),
+                        ("true_label", pa.int32()), ("method", pa.string()), ("flipped", pa.bool_()),
+                        ("n_units", pa.int32()), ("units", _units),
+                        *[(f"{w}_{s}_acc", pa.float64()) for w in ("pre", "post") for s in ("clean", "noisy", "test")]]),
+    "etd_examples": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("example_id", pa.int64()),
+                               ("is_noisy", pa.bool_()), ("own_correct", pa.bool_()), ("all_correct", pa.bool_()),
+                               ("drop_correct", pa.bool_())]),
 }
-SCHEMAS["retraining"] = SCHEMAS["rewinding"]
+SCHEMAS["retraining"] = pa.schema([*SCHEMAS["rewinding"], ("epochs_run", pa.int32()), ("converged", pa.bool_())])
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

@@ -114,6 +114,20 @@ def evaluate(model: SiteModel, data: Data, mode: str, etd: ExampleTiedDropout | 
     return rows
 
 
+@torch.no_grad()
+def example_correctness(model: SiteModel, data: Data, etd: ExampleTiedDropout) -> list[dict[str, Any]]:
+    """`etd_examples` rows: per training example, whether its given label is predicted under its own
+    tied mask, with every unit on (`all`) and with the memorization units dropped (`drop`)."""
+    right = {"own": predict(model, data.x_train, etd.example_masks).argmax(1) == data.y_train}
+    for mode in ("all", "drop"):
+        fixed = etd.mode_masks(mode)
+        right[mode] = predict(model, data.x_train, lambda idx: fixed).argmax(1) == data.y_train
+    cols = {m: v.tolist() for m, v in right.items()}
+    noisy = data.noise_mask.tolist()
+    return [{"example_id": i, "is_noisy": noisy[i], "own_correct": cols["own"][i], "all_correct": cols["all"][i],
+             "drop_correct": cols["drop"][i]} for i in range(data.n_train)]
+
+
 def eval_modes(cfg: ExperimentConfig) -> tuple[str, ...]:
     return ETD_MODES if cfg.dropout.kind == "example_tied" else ("plain",)
 
@@ -160,8 +174,8 @@ class Trainer:
         self.gen_batches = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
         self.gen_dropout = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
         self.gen_augment = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
-        self.accounting = (GradientAccounting(self.model) if "gradients" in cfg.analyses.run
-                           and self.data.noise_mask.any() else None)
+        self.accounting = (GradientAccounting(self.model, self.data.noise_mask, cfg.data.data_seed)
+                           if "gradients" in cfg.analyses.run and self.data.noise_mask.any() else None)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []  # evals rows, each with its epoch
         self.grad_rows: list[dict[str, Any]] = []
@@ -189,7 +203,7 @@ class Trainer:
             losses = F.cross_entropy(model(x, self.masks_for_training(idx)), y, reduction="none")  # (B,)
             self.opt.zero_grad(set_to_none=True)
             if self.accounting is not None:
-                self.accounting.backward(losses, data.noise_mask[idx])
+                self.accounting.backward(losses, idx)
             else:
                 losses.mean().backward()
             self.opt.step()
@@ -203,11 +217,11 @@ class Trainer:
             rows = [{"epoch": self.epoch, **r} for r in self.accounting.end_epoch()]
             self.grad_rows += rows
             out["gradients"] = rows
-        self._maybe_snapshot()
         if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.optim.epochs:
             rows = [{"epoch": self.epoch, **r} for r in self.evaluate()]
             self.history += rows
             out["evals"] = rows
+        self._maybe_snapshot()
         return out
 
     def evaluate(self) -> list[dict[str, Any]]:
@@ -228,8 +242,22 @@ class Trainer:
         return final_metrics(self.history)
 
     # -- snapshots and resume ---------------------------------------------------------------
+    def noisy_accuracy(self) -> dict[int, float]:
+        """{epoch: train_noisy accuracy} of the evaluated epochs, in mode `own` for ETD models (the
+        model as trained): what the rewinding snapshots and the memorization window follow."""
+        mode = "own" if self.etd is not None else "plain"
+        return {r["epoch"]: r["accuracy"] for r in self.history if r["mode"] == mode and r["subset"] == "train_noisy"}
+
     def _maybe_snapshot(self) -> None:
-        if self.epoch in self.cfg.analyses.snapshot_epochs and self.epoch not in self.snapshots:
+        """Snapshot at epoch 0, the final epoch, the fixed snapshot epochs, and the first epoch at
+        which train_noisy reaches each threshold (decided from this epoch's evaluation)."""
+        a = self.cfg.analyses
+        take = self.epoch in (0, self.cfg.optim.epochs) or self.epoch in a.snapshot_epochs
+        acc = self.noisy_accuracy()
+        if self.epoch in acc:
+            before = max((v for e, v in acc.items() if e < self.epoch), default=-1.0)
+            take |= any(before < t <= acc[self.epoch] for t in a.snapshot_thresholds)
+        if take and self.epoch not in self.snapshots:
             self.snapshots[self.epoch] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import json
 import os
 
 from memray import tables
-from memray.config import ExperimentConfig
+from memray.config import PROTOCOL, ExperimentConfig
 
 
 class UsageError(Exception):
@@ -81,6 +81,11 @@ def check_resume(args, configs: list[ExperimentConfig] | None = None, spec: dict
     if not known:
         return None
     stored = json.loads(tables.read_bytes(args.results_dir, rel))
+    if stored.get("protocol", 1) != PROTOCOL:
+        raise UsageError(f"sweep {args.name!r} under {args.results_dir} was run under protocol "
+                         f"{stored.get('protocol', 1)}; this code runs protocol {PROTOCOL} (EXPERIMENTS.md), "
+                         f"whose numbers are not comparable: give a new --name (its tables stay readable, and "
+                         f"findings never pool across protocols)")
     if configs is not None and sorted(stored.get("trial_keys") or []) != sorted(c.trial_key for c in configs):
         n = len(stored.get("trial_keys") or [])
         raise UsageError(f"sweep {args.name!r} under {args.results_dir} was run with a different grid "

@@ -13,7 +13,7 @@ import copy
 import itertools
 import sys
 
-from memray.config import ANALYSES, ConfigError, ExperimentConfig
+from memray.config import ANALYSES, NOISE_KINDS, ConfigError, ExperimentConfig
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
 from .cli import UsageError, add_runtime_flags, check_resume, check_runtime, print_dry_run, split_list
@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)} [default]")
     p.add_argument("--datasets"), p.add_argument("--archs"), p.add_argument("--widths")
     p.add_argument("--noise"), p.add_argument("--p-gen"), p.add_argument("--p-mem")
+    p.add_argument("--noise-kind", help=f"label noise and/or its placebo: comma-separated from {list(NOISE_KINDS)} "
+                                        "[label]")
     p.add_argument("--dropout", help="kinds besides the always-present twin 'none': example_tied,standard")
     p.add_argument("--lr", help="peak learning rates (an axis), e.g. 0.05,0.1")
     p.add_argument("--seeds"), p.add_argument("--epochs", type=int)
@@ -49,6 +51,7 @@ def build_configs(args) -> list[ExperimentConfig]:
         "archs": split_list("--archs", args.archs, str) if args.archs else pr["archs"],
         "widths": split_list("--widths", args.widths, _width) if args.widths else pr["widths"],
         "noise": split_list("--noise", args.noise, float) if args.noise else pr["noise"],
+        "noise_kind": split_list("--noise-kind", args.noise_kind, str) if args.noise_kind else ["label"],
         "p_gen": split_list("--p-gen", args.p_gen, float) if args.p_gen else pr["p_gen"],
         "p_mem": split_list("--p-mem", args.p_mem, float) if args.p_mem else pr["p_mem"],
         "dropout": split_list("--dropout", args.dropout, str) if args.dropout else pr["dropout"],
@@ -62,8 +65,9 @@ def build_configs(args) -> list[ExperimentConfig]:
         raise UsageError(f"--epochs={args.epochs} is invalid: an integer >= 1")
     base = pr.get("base", {})
     configs: dict[str, ExperimentConfig] = {}
-    for ds, arch, width, noise, seed, lr in itertools.product(axes["datasets"], axes["archs"], axes["widths"],
-                                                              axes["noise"], axes["seeds"], axes["lr"]):
+    for ds, arch, width, noise, kind_of_noise, seed, lr in itertools.product(
+            axes["datasets"], axes["archs"], axes["widths"], axes["noise"], axes["noise_kind"], axes["seeds"],
+            axes["lr"]):
         epochs = (args.epochs or pr["epochs"] or pr.get("epochs_by_arch", {}).get(arch)
                   or pr.get("epochs_by_dataset", {}).get(ds, 50))
         if width is None and args.preset == "paper" and arch == "resnet9":
@@ -76,7 +80,7 @@ def build_configs(args) -> list[ExperimentConfig]:
             cells += [(kind, pg, pm) for pg in p_gens for pm in axes["p_mem"]]
         for kind, pg, pm in cells:
             d = copy.deepcopy(base)
-            d.setdefault("data", {}).update({"dataset": ds, "noise_rate": noise})
+            d.setdefault("data", {}).update({"dataset": ds, "noise_rate": noise, "noise_kind": kind_of_noise})
             d.setdefault("model", {}).update({"arch": arch, "width": width})
             drop = {"kind": kind}
             if pg is not None:
@@ -87,8 +91,8 @@ def build_configs(args) -> list[ExperimentConfig]:
                 d["optim"]["lr"] = lr
             d.setdefault("analyses", {})["run"] = list(analyses)
             snaps = d["analyses"].get("snapshot_epochs")
-            if snaps:  # snapshots past the end are never taken
-                d["analyses"]["snapshot_epochs"] = sorted({e for e in snaps if e <= epochs} | {0})
+            if snaps:  # fixed snapshots past the end are never taken
+                d["analyses"]["snapshot_epochs"] = sorted(e for e in snaps if e <= epochs)
             d["seed"] = seed
             c = ExperimentConfig.from_dict(d)
             configs.setdefault(c.trial_key, c)

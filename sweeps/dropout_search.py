@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memray.config import ANALYSES, ARCHS, DATASETS, ConfigError, ExperimentConfig
+from memray.config import ANALYSES, ARCHS, DATASETS, NOISE_KINDS, ConfigError, ExperimentConfig
 from memray.objectives import OBJECTIVES
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
@@ -37,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", help=f"one of {list(DATASETS)} [digits]")
     p.add_argument("--arch", default="mlp", help=f"one of {list(ARCHS)} [mlp]")
     p.add_argument("--noise", type=float, default=0.1, help="label-noise rate [0.1]")
+    p.add_argument("--noise-kind", default="label", help=f"one of {list(NOISE_KINDS)} [label]")
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial [0]")
     p.add_argument("--epochs", type=int, default=30, help="epochs of a trial that is not stopped [30]")
     p.add_argument("--num-samples", type=int, default=16, help="trials in the study [16]")
@@ -75,11 +76,9 @@ def build(args) -> tuple[dict, dict, dict]:
     ranges = {"p_gen": parse_range("--p-gen", args.p_gen, float), "p_mem": parse_range("--p-mem", args.p_mem, float),
               "lr": parse_range("--lr", args.lr, float), "width": parse_range("--width", args.width, int)}
     analyses = [] if args.analyses == "none" else split_list("--analyses", args.analyses, str)
-    base = {"data": {"dataset": args.dataset, "noise_rate": args.noise}, "model": {"arch": args.arch},
+    base = {"data": {"dataset": args.dataset, "noise_rate": args.noise, "noise_kind": args.noise_kind}, "model": {"arch": args.arch},
             "dropout": {"kind": "example_tied"}, "optim": {"epochs": args.epochs},
-            "analyses": {"run": analyses, "snapshot_epochs": [0]}, "seed": args.seed}
-    if analyses:
-        base["analyses"].pop("snapshot_epochs")
+            "analyses": {"run": analyses}, "seed": args.seed}
     ExperimentConfig.from_dict(base)
     for corner in (0, 1):  # every value in the ranges must be a valid config
         d = {**base, "dropout": {"kind": "example_tied", "p_gen": ranges["p_gen"][corner],

@@ -13,7 +13,7 @@ import sys
 import uuid
 
 from memray import tables
-from memray.config import ExperimentConfig, metric_key
+from memray.config import PROTOCOL, ExperimentConfig, metric_key
 
 from .cli import grid_file
 from .plan import Plan
@@ -59,7 +59,7 @@ def launch(args, plan: Plan) -> int:
     n_trials = plan.n_trials
     tables.write_bytes(args.results_dir, grid_file(args.name), json.dumps(
         {"trial_keys": [c.trial_key for c in configs] if configs is not None else None, "spec": plan.spec,
-         "preset": plan.preset, "run_id": run_id,
+         "preset": plan.preset, "run_id": run_id, "protocol": PROTOCOL,
          "mlflow_uri": args.mlflow_uri}).encode())
     sweep_row = {"sweep": args.name, "started_at": started, "finished_at": None, "command": " ".join(sys.argv),
                  "preset": plan.preset, "n_trials": n_trials, "git_sha": git_sha(), "ray_address": args.address or "local"}

@@ -16,41 +16,62 @@ from .conftest import small_cfg
 @pytest.fixture(scope="module")
 def trained(digits):
     cfg = small_cfg(**{"model.arch": "resnet9", "model.width": 8, "optim.epochs": 3,
-                       "analyses.snapshot_epochs": [0, 1, 3]})
+                       "analyses.snapshot_epochs": [0, 1, 3], "analyses.snapshot_thresholds": []})
     tr = Trainer(cfg, digits, "cpu")
     tr.fit()
     return tr
 
 
-def test_gradient_accounting_equals_direct_per_subset_autograd():
+def test_gradient_accounting_equals_epoch_aggregates_by_autograd():
+    """Two epochs of a tiny float64 model: every row equals the norms and cosines of the epoch's
+    aggregated gradients computed directly (a forward and backward per subset and batch), and
+    training steps with the mean-loss gradient."""
     torch.manual_seed(0)
-    m = build_model("resnet9", 8, (1, 8, 8), 10).double()
-    x, y = torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (12,))
-    noisy = torch.zeros(12, dtype=torch.bool)
-    noisy[[1, 5, 7]] = True
-    acc = GradientAccounting(m)
-    losses = F.cross_entropy(m(x), y, reduction="none")
-    acc.backward(losses, noisy)
-    got_grad = [p.grad.clone() for p in m.parameters()]
-    rows = acc.end_epoch()
-    # direct: two separate forward passes (same BN batch statistics come from the full batch, so
-    # recompute the full-batch forward each time and select)
-    def grads(sel):
-        m.zero_grad()
-        F.cross_entropy(m(x), y, reduction="none")[sel].sum().backward()
-        return [p.grad.clone() for p in m.parameters()]
-    gc, gn = grads(~noisy), grads(noisy)
-    for p, a, b, g in zip(m.parameters(), gc, gn, got_grad):
-        assert torch.allclose((a + b) / 12, g)
-    for gi, name in enumerate(m.group_names()):
-        idx = [i for i, (n, _) in enumerate(m.named_parameters()) if m.group_of(n) == gi]
-        a = torch.cat([gc[i].flatten() for i in idx])
-        b = torch.cat([gn[i].flatten() for i in idx])
-        r = rows[gi]
-        assert r["layer_name"] == name
-        assert r["clean_norm"] == pytest.approx(a.norm().item() / a.numel() ** 0.5, rel=1e-9)
-        assert r["noisy_norm"] == pytest.approx(b.norm().item() / b.numel() ** 0.5, rel=1e-9)
-        assert r["cosine"] == pytest.approx(F.cosine_similarity(a, b, dim=0).item(), rel=1e-9)
+    m = build_model("resnet9", 4, (1, 8, 8), 10).double()
+    n = 40
+    x, y = torch.randn(n, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (n,))
+    noise = torch.zeros(n, dtype=torch.bool)
+    noise[[1, 5, 7, 20, 33]] = True
+    acc = GradientAccounting(m, noise, seed=3)
+    ctrl = acc.control
+    assert int(ctrl.sum()) == 5 and not (ctrl & noise).any()
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    params = list(m.parameters())
+    for epoch in range(2):
+        acc.start_epoch()
+        agg = {k: [torch.zeros_like(p) for p in params] for k in ("clean", "noisy", "control")}
+        for idx in torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).split(16):
+            B = len(idx)
+            for kind, sel in (("clean", ~noise[idx]), ("noisy", noise[idx]), ("control", ctrl[idx])):
+                g = torch.autograd.grad(F.cross_entropy(m(x[idx]), y[idx], reduction="none")[sel].sum(), params,
+                                        allow_unused=True, materialize_grads=True)
+                for a, b in zip(agg[kind], g):
+                    a += b / B
+            mean = torch.autograd.grad(F.cross_entropy(m(x[idx]), y[idx]), params)
+            losses = F.cross_entropy(m(x[idx]), y[idx], reduction="none")
+            opt.zero_grad()
+            acc.backward(losses, idx)
+            for p, g in zip(params, mean):
+                assert torch.allclose(p.grad, g, rtol=1e-10, atol=1e-12)
+            opt.step()
+        rows = acc.end_epoch()
+        for gi, name in enumerate(m.group_names()):
+            idx = [i for i, (nm, _) in enumerate(m.named_parameters()) if m.group_of(nm) == gi]
+            r = rows[gi]
+
+            def norm(kind):
+                return sum(agg[kind][i].norm().item() / agg[kind][i].numel() ** 0.5 for i in idx)
+
+            def cos(a, b):
+                return sum(F.cosine_similarity(a[i].flatten(), b[i].flatten(), dim=0).item()
+                           for i in range(len(a))) / len(a)
+
+            assert r["layer_name"] == name and r["aggregation"] == "epoch"
+            for kind in ("clean", "noisy", "control"):
+                assert r[f"{kind}_norm"] == pytest.approx(norm(kind), rel=1e-9)
+            c, nz, k = ([agg[kind][i] for i in idx] for kind in ("clean", "noisy", "control"))
+            assert r["cosine"] == pytest.approx(cos(c, nz), rel=1e-9, abs=1e-12)
+            assert r["control_cosine"] == pytest.approx(cos(k, [a - b for a, b in zip(c, k)]), rel=1e-9, abs=1e-12)
 
 
 def test_rewind_to_final_changes_nothing(trained):
@@ -66,14 +87,17 @@ def test_rewind_to_init_restores_exactly_group_g(trained):
     m = copy.deepcopy(trained.model)
     final = {k: v.clone() for k, v in m.state_dict().items()}
     init = trained.snapshots[0]
-    g = 1  # conv2: conv weight and BN params and buffers
+    g = 1  # conv2: conv weight and BN weight and bias; its BN running statistics stay final
     rewind_layer(m, g, init)
-    keys = set(m.group_state_keys(g))
-    assert {"conv2.1.running_mean", "conv2.1.running_var", "conv2.0.weight"} <= keys
+    keys = {n for n, _ in m.group_parameters(g)}
+    assert keys == {"conv2.0.weight", "conv2.1.weight", "conv2.1.bias"}
     for k, v in m.state_dict().items():
         expected = init[k] if k in keys else final[k]
         assert torch.equal(v, expected), k
-    assert any(not torch.equal(init[k], final[k]) for k in keys if init[k].is_floating_point())
+    assert all(not torch.equal(init[k], final[k]) for k in keys)
+    # the buffers of the rewound group are the trained model's, and differ from epoch 0's
+    for k in ("conv2.1.running_mean", "conv2.1.running_var"):
+        assert torch.equal(m.state_dict()[k], final[k]) and not torch.equal(init[k], final[k])
 
 
 def test_rewinding_table_shape(trained):
@@ -101,24 +125,22 @@ def test_retraining_touches_only_group_g_and_no_noisy_example(trained):
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
-def test_gradient_accounting_float32_stats_match_float64_reference():
-    """Stats come from float32 dot products (no float64 copies): still within 1e-5 of float64."""
-    torch.manual_seed(1)
-    m = build_model("mlp", 512, (1, 8, 8), 10)
-    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
-    noisy = torch.zeros(64, dtype=torch.bool)
-    noisy[::9] = True
-    losses = F.cross_entropy(m(x), y, reduction="none")
-    params = list(m.parameters())
-    gn = torch.autograd.grad(losses[noisy].sum(), params, retain_graph=True)
-    gc = torch.autograd.grad(losses[~noisy].sum(), params, retain_graph=True)
-    acc = GradientAccounting(m)
-    acc.backward(losses, noisy)
-    rows = acc.end_epoch()
-    for gi in range(len(rows)):
-        idx = [i for i, (n, _) in enumerate(m.named_parameters()) if m.group_of(n) == gi]
-        a = torch.cat([gc[i].double().flatten() for i in idx])
-        b = torch.cat([gn[i].double().flatten() for i in idx])
-        assert rows[gi]["clean_norm"] == pytest.approx(a.norm().item() / a.numel() ** 0.5, rel=1e-5)
-        assert rows[gi]["noisy_norm"] == pytest.approx(b.norm().item() / b.numel() ** 0.5, rel=1e-5)
-        assert rows[gi]["cosine"] == pytest.approx(F.cosine_similarity(a, b, dim=0).item(), rel=1e-4, abs=1e-6)
+def test_retraining_steps_and_records_its_budget(trained):
+    """The reset alone must not pass: retraining moves the group's parameters away from the
+    snapshot it was reset to and lifts clean accuracy above the reset model's; each row carries the
+    epochs run and `converged` (final train_clean >= 99% of the trained model's)."""
+    from memray.probes.retraining import CONVERGED, retrain_item
+    from memray.probes.rewinding import subset_accuracies
+
+    m, data, g = trained.model, trained.data, 1
+    reset = copy.deepcopy(m)
+    rewind_layer(reset, g, trained.snapshots[0])
+    out, info = retrain_layer(m, g, trained.snapshots[0], data, max_epochs=4)
+    moved = [not torch.equal(p, trained.snapshots[0][n]) for n, p in out.group_parameters(g)]
+    assert all(moved)
+    assert subset_accuracies(out, data)["train_clean"] > subset_accuracies(reset, data)["train_clean"]
+    rows = retrain_item(m, g, trained.snapshots[0], 0, data, max_epochs=4)
+    trained_clean = subset_accuracies(m, data)["train_clean"]
+    clean = next(r["accuracy"] for r in rows if r["subset"] == "train_clean")
+    assert {r["epochs_run"] for r in rows} == {info["epochs"]} and 1 <= info["epochs"] <= 4
+    assert {r["converged"] for r in rows} == {clean >= CONVERGED * trained_clean}

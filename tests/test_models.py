@@ -53,7 +53,7 @@ def test_group_counts_follow_experiments_md():
         assert len(m.layer_groups) == n, arch
     r9 = build_model("resnet9", 8, (1, 8, 8), 10)
     assert r9.group_names() == ["conv1", "conv2", "res1a", "res1b", "conv3", "res2a", "res2b", "conv4", "head"]
-    assert r9.site_units == [8, 16, 16, 16, 32, 32, 32, 64]
+    assert r9.site_units == [8, 16, 16, 32, 32, 16]  # conv1, conv2, res1, conv3, res2, conv4
     # norm buffers travel with their group
     assert "conv1.1.running_mean" in r9.group_state_keys(0)
 
@@ -114,8 +114,8 @@ def test_fused_relu_site_gives_the_same_outputs_and_gradients(arch, in_shape):
     (o1, g1), (o2, g2) = results
     assert torch.equal(o1, o2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
-    relu_sites = sum(s.relu for s in m.sites)  # mlp, lenet, resnet9: every site; vit: none
-    assert relu_sites == (0 if arch == "vit_small" else len(m.sites))
+    relu_sites = sum(s.relu for s in m.sites)  # mlp, lenet: every site; resnet9: all but its 2 residual outputs
+    assert relu_sites == {"vit_small": 0, "resnet9": len(m.sites) - 2}.get(arch, len(m.sites))
     assert fused == [0, relu_sites]
 
 
@@ -129,3 +129,26 @@ def _count_nodes(fn, name: str) -> int:
         n += type(f).__name__ == name
         stack.extend(g for g, _ in f.next_functions)
     return n
+
+
+def test_resnet9_is_the_authors_at_width_64():
+    """At width 64 on 3x32x32 every stage has the shape of the authors' ResNet-9 (models.py):
+    channels (64, 128, 128, 128, 256, 256, 256, 128), conv2 5x5 stride 2, max-pool after conv3,
+    conv4 unpadded, global max-pool, a bias-free head; and the same parameter count."""
+    m = build_model("resnet9", 64, (3, 32, 32), 10)
+    shapes = {}
+    for name in ("conv1", "conv2", "res1", "conv3", "pool3", "res2", "conv4", "pool"):
+        getattr(m, name).register_forward_hook(lambda mod, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert shapes == {"conv1": (2, 64, 32, 32), "conv2": (2, 128, 16, 16), "res1": (2, 128, 16, 16),
+                      "conv3": (2, 256, 16, 16), "pool3": (2, 256, 8, 8), "res2": (2, 256, 8, 8),
+                      "conv4": (2, 128, 6, 6), "pool": (2, 128, 1, 1)}
+    # conv weights (no bias) + BN weight and bias per conv, and the bias-free head
+    convs = [(3, 64, 3), (64, 128, 5), (128, 128, 3), (128, 128, 3), (128, 256, 3), (256, 256, 3),
+             (256, 256, 3), (256, 128, 3)]
+    expected = sum(i * o * k * k + 2 * o for i, o, k in convs) + 128 * 10
+    assert sum(p.numel() for p in m.parameters()) == expected
+    assert m.head.bias is None
+    # 8x8 digits: conv4 is padded by 1 (2x2 before it), the one departure; 1-D signals work too
+    assert build_model("resnet9", 8, (1, 8, 8), 10)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert build_model("resnet9", 8, (1, 40), 10)(torch.randn(2, 1, 40)).shape == (2, 10)

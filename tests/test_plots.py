@@ -1,5 +1,3 @@
-import pytest
-
 from memray import plots
 
 GROUPS = [(0, "fc1"), (1, "fc2"), (2, "head")]
@@ -46,17 +44,27 @@ def test_trial_figures_are_pngs_for_the_tables_present():
     assert all(b[:8] == b"\x89PNG\r\n\x1a\n" and len(b) > 10_000 for b in out.values())
 
 
-def test_findings_from_rows():
-    from analysis import findings
+def test_report_figures_are_labelled():
+    """The report's pooled figures: gradient norms with the control, the rewinding-class map, flip
+    collateral, ETD curves; and the trial's examples figure (images and 1-D signals)."""
+    import numpy as np
 
     rows = _rows()
-    g = findings.gradient_findings(rows["gradients"], 0.1)
-    assert g["noisy_grad_norm_share"]["fc1"] == pytest.approx(2 / 3)
-    assert g["groups_with_negative_cosine"] == 2 and g["epochs_with_negative_cosine"]["fc1"] == []
-    r = findings.rewinding_findings(rows["rewinding"], final_noisy=0.6)
-    assert r["n_groups_keeping"] == 3  # 0.5 >= 0.8 * 0.6
-    assert findings.rewinding_findings(rows["rewinding"], final_noisy=0.9)["n_groups_keeping"] == 0
-    assert findings.retraining_findings(rows["retraining"])["n_groups_still_memorizing"] == 3
-    f = findings.flip_findings(rows["flips"], test_before=0.9)
-    # greedy noisy targets: ids 0, 2, 4 -> 3, 5, 7 units
-    assert f["greedy_noisy_median"] == 5 and f["greedy_clean_median"] == 6 and f["greedy_sites"] == [0, 1, 2]
+    grads = [{**r, "control_norm": 0.5 / r["epoch"], "control_cosine": 0.0} for r in rows["gradients"]]
+    fig = plots.gradient_control_figure(grads, "t")
+    assert [ax.get_title() for ax in fig.axes] == ["noisy / clean aggregate norm", "noisy / control norm",
+                                                   "cosine clean/noisy (solid), control (dotted)"]
+    fig = plots.class_map_figure(["fc1", "head"], [0, 5], [["redundant", "critical"], ["partial", ""]], "m")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["fc1", "head"]
+    assert fig.axes[0].get_xlabel() == "rewound to epoch"
+    fig = plots.flip_cost_figure({"noisy": [0.0, 0.01], "clean": [0.02, 0.05]})
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["noisy", "clean"]
+    evals = [{"epoch": e, "mode": m, "subset": s, "accuracy": 0.5} for e in (1, 2) for m in ("own", "drop", "plain")
+             for s in ("train_clean", "train_noisy", "train_noisy_true", "test")]
+    fig = plots.etd_curves_figure(evals)
+    assert [ax.get_title() for ax in fig.axes] == ["train_clean", "train_noisy", "train_noisy_true", "test"]
+    assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["plain twin", "own", "drop"]
+    for x in (np.zeros((3, 1, 8, 8)), np.zeros((2, 1, 40))):
+        fig = plots.examples_figure({"forgotten": (x, ["a"] * len(x)), "kept": (x[:1], ["b"])})
+        assert fig.axes[0].get_ylabel() == "forgotten" and fig.axes[len(x)].get_ylabel() == "kept"
+        assert plots.png(fig)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,8 +18,16 @@ def test_tiny_sweep_writes_every_table(tiny_sweep):
     assert q(results, "evals", "select count(*) from t") == [(3 * 4 + 3 * 11,)]
     # gradients: 2 trials x 3 epochs x 4 mlp groups
     assert q(results, "gradients") == [(2 * 3 * 4,)]
-    # rewinding: 2 trials x 4 groups x snapshots {0, 3} x 4 subsets; retraining: 4 groups x 4 subsets
-    assert q(results, "rewinding") == [(2 * 4 * 2 * 4,)]
+    # rewinding: per trial 4 groups x its snapshots x 4 subsets. Snapshots: epoch 0, the final epoch 3,
+    # and the first epoch whose train_noisy (own for ETD) reaches 0.1, 0.25, 0.5, 0.75 (read from evals)
+    for key, in q(results, "trials", "select trial_key from t"):
+        curve = dict(q(results, "evals", f"select epoch, accuracy from t where trial_key = '{key}' and "
+                                         "subset = 'train_noisy' and mode in ('plain', 'own')"))
+        firsts = {min((e for e, a in curve.items() if a >= th), default=None) for th in (0.1, 0.25, 0.5, 0.75)}
+        snaps = {0, 3} | (firsts - {None})
+        got = q(results, "rewinding", f"select rewind_epoch, count(*) from t where trial_key = '{key}' group by all")
+        assert dict(got) == {e: 4 * 4 for e in snaps}
+    # retraining: 4 groups x 4 subsets
     assert q(results, "retraining") == [(2 * 4 * 4,)]
     assert q(results, "sweeps", "select n_trials, preset from t") == [(2, "tiny")]
     # flips: per trial and method the same targets (at most 4 noisy + 4 clean), both methods
@@ -34,10 +42,16 @@ def test_tiny_sweep_writes_every_table(tiny_sweep):
         ts = [json.loads(line)["timestamp"] for line in f.read_text().splitlines()]
         spans.append((min(ts), max(ts)))
     assert len(spans) == 2 and max(a for a, _ in spans) <= min(b for _, b in spans)  # 1 s resolution
-    keys = [k for (k,) in q(results, "trials", "select trial_key from t")]
-    for k in keys:
+    for k, dropout in q(results, "trials", "select trial_key, dropout from t"):
         figs = sorted(p.name for p in (results / "figures" / "sweep=t1" / k).iterdir())
-        assert figs == ["flips.png", "gradients.png", "retraining.png", "rewinding.png"]
+        # an ETD trial also draws the clean examples `drop` forgets beside kept ones
+        assert figs == (["flips.png"] + (["forgotten.png"] if dropout == "example_tied" else [])
+                        + ["gradients.png", "retraining.png", "rewinding.png"])
+    # protocol 2 columns: every trial's protocol and noise kind, per-example ETD correctness
+    assert q(results, "trials", "select distinct protocol, noise_kind from t") == [(2, "label")]
+    assert q(results, "etd_examples") == [(1400,)]
+    assert q(results, "gradients", "select count(*) from t where aggregation = 'epoch' and control_norm > 0") \
+        == [(2 * 3 * 4,)]
 
 
 @pytest.mark.slow
@@ -51,18 +65,18 @@ parents = [r for r in runs if r.data.tags.get("memray.role") == "sweep"]
 children = [r for r in runs if r.data.tags.get("memray.role") == "trial"]
 c = mlflow.MlflowClient()
 hist = c.get_metric_history(children[0].info.run_id, next(k for k in children[0].data.metrics if k.endswith("train_clean/accuracy") and not k.startswith("final")))
-arts = sorted(a.path for a in c.list_artifacts(children[0].info.run_id, "figures"))
+arts = sorted(a.path for ch in children for a in c.list_artifacts(ch.info.run_id, "figures"))
 print(json.dumps({{"parents": len(parents), "children": len(children), "artifacts": arts,
   "status": sorted({{r.info.status for r in runs}}),
   "parent_ok": all(ch.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for ch in children),
   "steps": sorted(m.step for m in hist)}}))
 """
     out = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    figs = ["figures/flips.png", "figures/gradients.png", "figures/retraining.png", "figures/rewinding.png"]
     assert out == {"parents": 1, "children": 2, "parent_ok": True, "steps": [1, 2, 3], "status": ["FINISHED"],
-                   "artifacts": ["figures/flips.png", "figures/gradients.png", "figures/retraining.png",
-                                 "figures/rewinding.png"]}
+                   "artifacts": sorted(figs * 2 + ["figures/forgotten.png"])}
     # the artifacts live in the results store beside mlflow.db, not in the working directory
-    assert len(list((results / "mlartifacts" / "t1").glob("*/artifacts/figures/*.png"))) == 2 * 4
+    assert len(list((results / "mlartifacts" / "t1").glob("*/artifacts/figures/*.png"))) == 2 * 4 + 1
     assert not (results.parent / "mlruns").exists()
 
 
@@ -97,10 +111,25 @@ def test_default_preset_p_gen_per_arch_unless_given():
                        for c in build_configs(parser().parse_args(["--preset", "default", *argv]))
                        if c.dropout.kind == "example_tied"})
 
-    assert cells() == [("mlp", 0.2, 0.1), ("mlp", 0.2, 0.2), ("resnet9", 0.5, 0.1), ("resnet9", 0.5, 0.2)]
-    assert cells("--p-gen", "0.3") == [("mlp", 0.3, 0.1), ("mlp", 0.3, 0.2), ("resnet9", 0.3, 0.1),
-                                       ("resnet9", 0.3, 0.2)]
-    assert len(build_configs(parser().parse_args(["--preset", "default"]))) == 12
+    assert cells() == [("mlp", 0.2, 0.1), ("resnet9", 0.5, 0.1)]
+    assert cells("--p-gen", "0.3") == [("mlp", 0.3, 0.1), ("resnet9", 0.3, 0.1)]
+    configs = build_configs(parser().parse_args(["--preset", "default"]))
+    assert len(configs) == 12 and {c.seed for c in configs} == {0, 1, 2}
+    assert {c.protocol for c in configs} == {2}
+
+
+def test_p_gen_per_arch_follows_the_rule_fixed_in_advance():
+    """The presets' p_gen per arch: the first candidate leaving >= 8 generalization units at every
+    site of the default width (checked against the built models)."""
+    import math
+
+    from memray.models import build_model
+    from sweeps.presets import P_GEN_BY_ARCH, P_GEN_RULE
+
+    for arch, (p_gen,) in P_GEN_BY_ARCH.items():
+        units = build_model(arch, {"mlp": 512, "resnet9": 16}[arch], (1, 8, 8), 10).site_units
+        ok = [p for p in P_GEN_RULE["candidates"] if min(math.floor(p * u) for u in units) >= P_GEN_RULE["min_units"]]
+        assert p_gen == ok[0], (arch, units, ok)
 
 
 def test_the_sweep_driver_loads_no_torch_or_plotting():

@@ -50,13 +50,20 @@ def test_divergence_stops_with_epoch(digits):
         tr.fit()
 
 
-def test_snapshots_taken_at_configured_epochs(digits):
-    cfg = small_cfg(**{"optim.epochs": 3, "analyses.snapshot_epochs": [0, 2, 7]})
+def test_snapshots_at_epoch_0_the_thresholds_the_fixed_epochs_and_the_end(digits):
+    """Protocol 2: epoch 0, the first epoch whose train_noisy reaches each threshold (read from the
+    trainer's own evaluations: whichever epochs they fall on), the fixed epochs, the final epoch."""
+    cfg = small_cfg(**{"optim.epochs": 6, "analyses.snapshot_epochs": [2, 9],
+                       "analyses.snapshot_thresholds": [0.1, 0.25, 0.5]})
     tr = Trainer(cfg, digits, "cpu")
     init = {k: v.clone() for k, v in tr.model.state_dict().items()}
     tr.fit()
-    assert sorted(tr.snapshots) == [0, 2]
+    acc = tr.noisy_accuracy()
+    assert sorted(acc) == list(range(1, 7))
+    firsts = {min((e for e, a in acc.items() if a >= t), default=None) for t in (0.1, 0.25, 0.5)}
+    assert sorted(tr.snapshots) == sorted({0, 2, 6} | (firsts - {None}))
     assert all(torch.equal(tr.snapshots[0][k], init[k]) for k in init)
+    assert all(torch.equal(tr.snapshots[6][k], v) for k, v in tr.model.state_dict().items())
 
 
 def test_eval_rows_every_epoch_and_subsets(digits):

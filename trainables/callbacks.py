@@ -22,8 +22,9 @@ from memray.config import ExperimentConfig, parse_metric_key
 def trial_row(sweep: str, exp: dict, status: str, attempts: int, result: dict, error: str | None,
               run_id: str | None = None) -> dict:
     c = ExperimentConfig.from_dict(exp)
-    return {"sweep": sweep, "trial_key": c.trial_key, "dataset": c.data.dataset, "arch": c.model.arch,
-            "width": c.model.resolved_width, "noise_rate": c.data.noise_rate, "dropout": c.dropout.kind,
+    return {"sweep": sweep, "trial_key": c.trial_key, "protocol": c.protocol, "dataset": c.data.dataset,
+            "arch": c.model.arch, "width": c.model.resolved_width, "noise_rate": c.data.noise_rate,
+            "noise_kind": c.data.noise_kind, "data_seed": c.data.data_seed, "dropout": c.dropout.kind,
             "p_gen": c.dropout.p_gen, "p_mem": c.dropout.p_mem, "seed": c.seed, "epochs": c.optim.epochs,
             "status": status, "attempts": attempts, "wall_s": result.get("wall_s"),
             "device": result.get("device"), "node_id": result.get("node_id"),

@@ -47,15 +47,18 @@ class FlipResult:
     method: str
     flipped: bool
     units: list[tuple[int, int]]  # (site, unit) in the order zeroed
-    post: dict[str, float]  # post-edit accuracy on the fixed samples
+    pre: dict[str, float]  # accuracy on the fixed samples before the edit (the unedited model)
+    post: dict[str, float]  # the same samples after the edit
 
     def row(self) -> dict[str, Any]:
-        return {"example_id": self.example_id, "is_noisy": self.is_noisy, "given_label": self.given_label,
-                "true_label": self.true_label, "method": self.method, "flipped": self.flipped,
-                "n_units": len(self.units), "units": [{"site": s, "unit": u} for s, u in self.units],
-                "post_clean_acc": self.post.get("train_clean", math.nan),
-                "post_noisy_acc": self.post.get("train_noisy", math.nan),
-                "post_test_acc": self.post.get("test", math.nan)}
+        out = {"example_id": self.example_id, "target_kind": "noisy" if self.is_noisy else "clean",
+               "is_noisy": self.is_noisy, "given_label": self.given_label, "true_label": self.true_label,
+               "method": self.method, "flipped": self.flipped, "n_units": len(self.units),
+               "units": [{"site": s, "unit": u} for s, u in self.units]}
+        for when, acc in (("pre", self.pre), ("post", self.post)):
+            for subset, col in (("train_clean", "clean"), ("train_noisy", "noisy"), ("test", "test")):
+                out[f"{when}_{col}_acc"] = acc.get(subset, math.nan)
+        return out
 
 
 def select_targets(model: SiteModel, data: Data, n_noisy: int, n_clean: int, n_reference: int, seed: int,
@@ -142,7 +145,7 @@ def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids
         search.check_ids(tg, "targets")
         res = (search.greedy(tg, budget, targets_per_batch) if method == "greedy" else search.random(tg))
         samples = {k: v.to(search.device) for k, v in fixed_samples(data, eval_samples, seed).items()}
-        post = post_edit(search, samples, [u for u, _ in res])
+        pre, *post = post_edit(search, samples, [[]] + [u for u, _ in res])
     finally:
         model.to(orig_dtype)
         for p, r in zip(params, req):
@@ -151,5 +154,5 @@ def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids
     rows = []
     for t, (units, flipped), p in zip(tg.tolist(), res, post):
         rows.append(FlipResult(t, bool(data.noise_mask[t]), int(data.y_train[t]), int(data.y_true[t]), method,
-                               flipped, units, p).row())
+                               flipped, units, pre, p).row())
     return rows

@@ -1,80 +1,92 @@
 """Gradient accounting (EXPERIMENTS.md section 1), computed inside the training step.
 
-Per batch, from the one training forward pass (dropout / ETD masks included): the gradient of the
-*summed* loss of the batch's clean examples, g_c, and of its noisy examples, g_n -- two backward
-passes over one graph, i.e. one extra backward per batch. The training gradient is
-(g_c + g_n) / B, exactly the gradient of the mean loss, so training is unchanged.
+As the authors (`train.py`: gradients accumulated over the epoch, then `grads_to_norms`): over an
+epoch's batches, accumulate per parameter the gradient of the *summed* loss of the batch's clean
+examples divided by the batch size, likewise for its noisy examples, and for a **control** subset
+(a seeded random clean subset as large as the noisy set, fixed by the data seed). From the one
+training forward pass (dropout and ETD masks included), three backward passes over one graph:
+noisy, control, and the other clean examples; clean = control + the rest. The training gradient
+is (clean + noisy) / B, exactly the gradient of the mean loss, so training is unchanged.
 
-Per layer group: ||g_c|| / sqrt(P) and ||g_n|| / sqrt(P) (P = parameters in the group, so groups
-compare) and cos(g_c, g_n). Each is computed per batch and averaged over the epoch's batches; the
-noisy norm and the cosine over the batches that hold at least one noisy example. All reductions
-stay on the device (no host sync per batch).
+At the end of the epoch, per layer group: each aggregate's norm (per parameter tensor
+||g|| / sqrt(numel), summed over the group's tensors); the cosine between the clean and noisy
+aggregates (per tensor, averaged over the group's tensors); `control_cosine`, the same between the
+control aggregate and the clean aggregate minus the control (both comparisons are then between
+disjoint sets of examples). Rows carry `aggregation` = "epoch" (the per-batch-averaged variant of
+protocol 1 is gone; the column keeps the two from ever being mixed).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..sites import SiteModel
 
 
+def control_mask(noise_mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random subset of the clean examples, as large as the noisy set (bool, (N,))."""
+    clean = torch.nonzero(~noise_mask.cpu()).flatten()
+    n = int(noise_mask.sum())
+    g = torch.Generator().manual_seed(seed * 7919 + 101)
+    pick = clean[torch.randperm(len(clean), generator=g)[:n]]
+    out = torch.zeros(noise_mask.shape[0], dtype=torch.bool)
+    out[pick] = True
+    return out.to(noise_mask.device)
+
+
 class GradientAccounting:
-    def __init__(self, model: SiteModel):
+    KINDS = ("clean", "noisy", "control")
+
+    def __init__(self, model: SiteModel, noise_mask: torch.Tensor, seed: int):
         self.model = model
         self.names = model.group_names()
-        self.params = [p for _, p in model.named_parameters() if p.requires_grad]
-        gi = [model.group_of(n) for n, p in model.named_parameters() if p.requires_grad]
-        dev = self.params[0].device
-        self.group_index = torch.tensor(gi, device=dev)
-        G = len(self.names)
-        numel = torch.zeros(G, device=dev, dtype=torch.float64)
-        numel.index_add_(0, self.group_index, torch.tensor([float(p.numel()) for p in self.params],
-                                                           device=dev, dtype=torch.float64))
-        self.sqrt_numel = numel.sqrt()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.groups = [model.group_of(n) for n, _ in named]
+        self.noise_mask = noise_mask
+        self.control = control_mask(noise_mask, seed)
         self.start_epoch()
 
     def start_epoch(self) -> None:
-        G, dev = len(self.names), self.group_index.device
-        self.sums = torch.zeros(3, G, device=dev, dtype=torch.float64)  # clean norm, noisy norm, cosine
-        self.counts = torch.zeros(2, device=dev, dtype=torch.float64)  # batches, batches with noisy
+        self.acc = {k: [torch.zeros_like(p) for p in self.params] for k in self.KINDS}
 
-    @staticmethod
-    def group_stats(g_c, g_n, group_index, G):
-        """(3, G) float64: per group ||g_c||^2, ||g_n||^2, <g_c, g_n>.
-
-        Dot products read each gradient in place (no float64 copies, no temporaries): fresh
-        parameter-sized buffers cost page faults on every batch, which made accounting 3x a step."""
-        dots = []
-        for a, b in zip(g_c, g_n):
-            a, b = a.reshape(-1), b.reshape(-1)
-            dots += [torch.dot(a, a), torch.dot(b, b), torch.dot(a, b)]
-        per_param = torch.stack(dots).double().view(-1, 3).T
-        out = torch.zeros(3, G, device=per_param.device, dtype=torch.float64)
-        return out.index_add_(1, group_index, per_param)
-
-    def backward(self, losses: torch.Tensor, noisy: torch.Tensor) -> None:
-        """Set .grad of every trainable parameter to the mean-loss gradient; accumulate stats."""
+    def backward(self, losses: torch.Tensor, idx: torch.Tensor) -> None:
+        """Set .grad of every trainable parameter to the mean-loss gradient of the batch `idx`
+        (example ids; `losses` its per-example losses) and add its parts to the epoch aggregates."""
         B = losses.shape[0]
-        g_n = torch.autograd.grad(losses[noisy].sum(), self.params, retain_graph=True, allow_unused=True,
-                                  materialize_grads=True)
-        g_c = torch.autograd.grad(losses[~noisy].sum(), self.params, allow_unused=True, materialize_grads=True)
-        s = self.group_stats(g_c, g_n, self.group_index, len(self.names))
-        for p, a, b in zip(self.params, g_c, g_n):
-            p.grad = a.add_(b).div_(B)  # g_c is ours: reuse its buffer for the mean-loss gradient
-        nc, nn_ = s[0].sqrt(), s[1].sqrt()
-        has_noisy = noisy.any().double()
-        cos = torch.where(nc * nn_ > 0, s[2] / (nc * nn_).clamp_min(1e-300), torch.zeros_like(nc))
-        self.sums[0] += nc / self.sqrt_numel
-        self.sums[1] += has_noisy * nn_ / self.sqrt_numel
-        self.sums[2] += has_noisy * cos
-        self.counts += torch.stack([torch.ones((), device=has_noisy.device, dtype=torch.float64), has_noisy])
+        noisy, ctrl = self.noise_mask[idx], self.control[idx]
+        rest = ~(noisy | ctrl)
+        kw = {"allow_unused": True, "materialize_grads": True}
+        g_n = torch.autograd.grad(losses[noisy].sum(), self.params, retain_graph=True, **kw)
+        g_k = torch.autograd.grad(losses[ctrl].sum(), self.params, retain_graph=True, **kw)
+        g_r = torch.autograd.grad(losses[rest].sum(), self.params, **kw)
+        for i, (p, n, k, r) in enumerate(zip(self.params, g_n, g_k, g_r)):
+            clean = r.add_(k)  # g_r is ours: reuse its buffer
+            self.acc["clean"][i].add_(clean, alpha=1 / B)
+            self.acc["noisy"][i].add_(n, alpha=1 / B)
+            self.acc["control"][i].add_(k, alpha=1 / B)
+            p.grad = clean.add_(n).div_(B)
 
     def end_epoch(self) -> list[dict]:
-        c = self.counts.cpu()
-        s = self.sums.cpu()
-        rows = []
-        for i, name in enumerate(self.names):
-            rows.append({"layer_index": i, "layer_name": name,
-                         "clean_norm": (s[0, i] / c[0]).item(),
-                         "noisy_norm": (s[1, i] / c[1]).item() if c[1] > 0 else float("nan"),
-                         "cosine": (s[2, i] / c[1]).item() if c[1] > 0 else float("nan")})
-        return rows
+        """One row per layer group for the epoch that just ended."""
+        G = len(self.names)
+        norms = {k: [0.0] * G for k in self.KINDS}
+        cos, ccos, count = [0.0] * G, [0.0] * G, [0] * G
+        for i, g in enumerate(self.groups):
+            c, n, k = (self.acc[kind][i].double().flatten() for kind in self.KINDS)
+            scale = math.sqrt(c.numel())
+            for kind, v in zip(self.KINDS, (c, n, k)):
+                norms[kind][g] += v.norm().item() / scale
+            cos[g] += _cosine(c, n)
+            ccos[g] += _cosine(k, c - k)
+            count[g] += 1
+        return [{"layer_index": g, "layer_name": self.names[g], "aggregation": "epoch",
+                 "clean_norm": norms["clean"][g], "noisy_norm": norms["noisy"][g],
+                 "control_norm": norms["control"][g], "cosine": cos[g] / count[g],
+                 "control_cosine": ccos[g] / count[g]} for g in range(G)]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = (a.norm() * b.norm()).item()
+    return (a @ b).item() / den if den > 0 else 0.0

@@ -1,8 +1,12 @@
 """Layer rewinding (EXPERIMENTS.md section 2).
 
 For a converged model and its weight snapshots: for each layer group g and snapshot epoch e,
-replace g's parameters and norm buffers with their epoch-e values, keep every other group final,
-and measure accuracy on train_clean, train_noisy, train_noisy_true and test (batched inference).
+replace g's **parameters** with their epoch-e values (norm running statistics stay final, as in
+the authors' code), keep every other group final, and measure accuracy on train_clean,
+train_noisy, train_noisy_true and test (batched inference). The snapshots are epoch 0, the first
+epoch at which train_noisy reaches 0.1, 0.25, 0.5 and 0.75, and the final epoch (`Trainer`);
+the classes at e* (redundant, critical, damaged, partial) are arithmetic on these rows and the
+trial's `evals` (`analysis.findings`).
 Each (g, e) is an independent work item (`rewind_item`), so callers can spread them over workers.
 
 Models trained with example-tied dropout are measured as trained: training subsets under their
@@ -21,9 +25,9 @@ from ..train import predict
 
 
 def rewind_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor]) -> None:
-    """In place: load layer group `group`'s parameters and buffers from `snapshot`."""
+    """In place: load layer group `group`'s parameters from `snapshot` (buffers stay)."""
     sd = model.state_dict()
-    keys = model.group_state_keys(group)
+    keys = [n for n, _ in model.group_parameters(group)]
     with torch.no_grad():
         for k in keys:
             sd[k].copy_(snapshot[k].to(sd[k].device))

@@ -1,0 +1,274 @@
+"""The verdict functions on synthetic table rows: a control for each.
+
+For every placebo-gated finding (and 4b): treatment and control drawn from one distribution, 500
+times, give "agree" at most 5% of the time; a clear effect gives "agree"; too few seeds or targets
+give "inconclusive". Rows have the columns of ARCHITECTURE.md's tables.
+"""
+import math
+import random
+import subprocess
+
+import pytest
+
+from analysis import findings as F
+
+from .conftest import PY
+
+EPOCHS = 10
+GROUPS = ("fc1", "fc2", "head")
+
+
+def evals(rng, mode="plain", final=1.0, extra=None):
+    """A train_noisy curve rising to `final` (a window of several epochs), clean 1.0, test 0.9."""
+    rows = []
+    for e in range(1, EPOCHS + 1):
+        acc = {"train_noisy": final * min(1.0, e / 8), "train_clean": 1.0, "train_noisy_true": 0.0, "test": 0.9}
+        for k, v in {**acc, **(extra(e, rng) if extra else {})}.items():
+            rows.append({"epoch": e, "mode": mode, "subset": k, "accuracy": v, "loss": 0.0, "n": 100})
+    return rows
+
+
+def cell(seed_tables, dropout="none", twin=None, kind="label"):
+    c = F.Cell("s", f"synthetic-{dropout}", 2, dropout, kind)
+    for s, t in enumerate(seed_tables):
+        c.seeds[s] = {name: t.get(name, []) for name in F.TABLES}
+        c.keys[s] = f"k{s}"
+    c.twin = twin
+    return c
+
+
+def agree_rate(make, judge, n=500, seed=0):
+    rng = random.Random(seed)
+    return sum(judge(make(rng)).verdict == "agree" for _ in range(n)) / n
+
+
+# ----------------------------------------------------------------------------- 1a, 1b
+def grad_seed(rng, noisy_over_control, cos_shift=0.0):
+    rows = []
+    for e in range(1, EPOCHS + 1):
+        for g, name in enumerate(GROUPS):
+            control = rng.lognormvariate(0, 0.3)
+            noisy = control * noisy_over_control * rng.lognormvariate(0, 0.3)
+            cos, ccos = rng.gauss(cos_shift, 0.1), rng.gauss(0, 0.1)
+            rows.append({"epoch": e, "layer_index": g, "layer_name": name, "aggregation": "epoch",
+                         "clean_norm": noisy, "noisy_norm": noisy, "control_norm": control,
+                         "cosine": cos, "control_cosine": ccos})
+    return {"evals": evals(rng), "gradients": rows}
+
+
+def test_1a_null_clear_and_too_few_seeds():
+    assert agree_rate(lambda r: cell([grad_seed(r, 1.0) for _ in range(3)]), F.finding_1a) <= 0.05
+    assert F.finding_1a(cell([grad_seed(random.Random(1), 5.0) for _ in range(3)])).verdict == "agree"
+    v = F.finding_1a(cell([grad_seed(random.Random(1), 5.0) for _ in range(2)]))
+    assert v.verdict == "inconclusive" and "2 usable seeds, need 3" in v.reason
+
+
+def test_1b_null_clear_and_too_few_seeds():
+    assert agree_rate(lambda r: cell([grad_seed(r, 1.0, 0.0) for _ in range(3)]), F.finding_1b) <= 0.05
+    assert F.finding_1b(cell([grad_seed(random.Random(1), 1.0, -0.6) for _ in range(3)])).verdict == "agree"
+    assert F.finding_1b(cell([grad_seed(random.Random(1), 1.0, -0.6)])).verdict == "inconclusive"
+
+
+def test_gradient_findings_on_a_protocol_1_sweep_are_inconclusive_not_a_crash():
+    t = grad_seed(random.Random(0), 5.0)
+    for r in t["gradients"]:
+        r["control_norm"] = r["control_cosine"] = None  # the column is absent from older fragments
+    v = F.finding_1a(cell([t, t, t]))
+    assert v.verdict == "inconclusive" and v.reason == "column control_norm absent"
+
+
+# ----------------------------------------------------------------------------- 2a, 2b
+def rewind_seed(rng, p_redundant, critical=None):
+    """Rewinding rows at snapshots 0 (e*) and 8; each group redundant with probability p."""
+    rows = []
+    for g, name in enumerate(GROUPS):
+        for e in (0, 8):
+            if critical is not None and name in critical:
+                noisy, true, clean = 0.1, 0.5, 1.0
+            elif rng.random() < p_redundant:
+                noisy, true, clean = 0.95, 0.02, 1.0
+            else:
+                noisy, true, clean = 0.6, 0.3, 1.0
+            for subset, a in (("train_noisy", noisy), ("train_noisy_true", true), ("train_clean", clean),
+                              ("test", 0.9)):
+                rows.append({"layer_index": g, "layer_name": name, "rewind_epoch": e, "subset": subset, "accuracy": a})
+    return {"evals": evals(rng), "rewinding": rows}
+
+
+def rewind_null_seed(rng):
+    """Rewound train_noisy and train_noisy_true drawn from one distribution."""
+    rows = []
+    for g, name in enumerate(GROUPS):
+        noisy, true = rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)
+        for subset, a in (("train_noisy", noisy), ("train_noisy_true", true), ("train_clean", 1.0), ("test", 0.9)):
+            rows.append({"layer_index": g, "layer_name": name, "rewind_epoch": 0, "subset": subset, "accuracy": a})
+    return {"evals": evals(rng), "rewinding": rows}
+
+
+def test_2a_null_clear_and_too_few_seeds():
+    assert agree_rate(lambda r: cell([rewind_null_seed(r) for _ in range(3)]), F.finding_2a) <= 0.05
+    assert F.finding_2a(cell([rewind_seed(random.Random(1), 1.0) for _ in range(3)])).verdict == "agree"
+    assert F.finding_2a(cell([rewind_seed(random.Random(1), 1.0) for _ in range(2)])).verdict == "inconclusive"
+
+
+def test_rewinding_classes_at_e_star():
+    rng = random.Random(0)
+    t = rewind_seed(rng, 0.0, critical={"fc2"})
+    assert F.e_star(t["evals"], [0, 8]) == 0  # epoch 8's train_noisy is 1.0 of final: not <= half
+    assert F.rewinding_classes(t["rewinding"], t["evals"]) == {"fc1": "partial", "fc2": "critical", "head": "partial"}
+
+
+def test_2b_critical_groups_not_final():
+    rng = random.Random(0)
+    assert F.finding_2b(cell([rewind_seed(rng, 0.0, critical={"fc2"}) for _ in range(3)])).verdict == "agree"
+    assert F.finding_2b(cell([rewind_seed(rng, 0.0, critical={"head"}) for _ in range(3)])).verdict == "differ"
+    v = F.finding_2b(cell([rewind_seed(rng, 0.0, critical={"fc2"})] + [rewind_seed(rng, 1.0) for _ in range(2)]))
+    assert v.verdict == "inconclusive" and "a critical group in 1 seed(s), need 2" in v.reason
+
+
+# ----------------------------------------------------------------------------- 3
+def retrain_seed(rng, gap, converged=True):
+    rows = []
+    for g, name in enumerate(GROUPS):
+        true = rng.uniform(0.2, 0.8)
+        noisy = true + gap if gap else rng.uniform(0.2, 0.8)
+        for subset, a in (("train_noisy", noisy), ("train_noisy_true", true), ("train_clean", 1.0), ("test", 0.9)):
+            rows.append({"layer_index": g, "layer_name": name, "rewind_epoch": 0, "subset": subset, "accuracy": a,
+                         "epochs_run": 5, "converged": converged})
+    return {"evals": evals(rng), "retraining": rows}
+
+
+def test_3_null_clear_unconverged_and_too_few_seeds():
+    assert agree_rate(lambda r: cell([retrain_seed(r, 0.0) for _ in range(3)]), F.finding_3) <= 0.05
+    assert F.finding_3(cell([retrain_seed(random.Random(1), 0.15) for _ in range(3)])).verdict == "agree"
+    # unconverged groups are excluded: with none converged every seed drops out
+    v = F.finding_3(cell([retrain_seed(random.Random(1), 0.15, converged=False) for _ in range(3)]))
+    assert v.verdict == "inconclusive" and "0 usable seeds" in v.reason
+
+
+# ----------------------------------------------------------------------------- 4a, 4b, 4d
+def flip_rows(rng, n, noisy_units, clean_units, random_units, cost_noisy=None, cost_clean=None):
+    rows = []
+    for i in range(n):
+        for kind, units in (("noisy", noisy_units), ("clean", clean_units)):
+            ex = i if kind == "noisy" else 1000 + i
+            cost = (cost_noisy if kind == "noisy" else cost_clean) or (lambda r: r.uniform(0, 0.02))
+            for method, k in (("greedy", units(rng)), ("random", random_units(rng))):
+                c = cost(rng)
+                rows.append({"example_id": ex, "target_kind": kind, "is_noisy": kind == "noisy", "method": method,
+                             "flipped": True, "n_units": k, "units": [{"site": j % 3, "unit": j} for j in range(k)],
+                             "pre_test_acc": 0.9, "post_test_acc": 0.9 - c, "pre_clean_acc": 1.0,
+                             "post_clean_acc": 1.0, "pre_noisy_acc": 1.0, "post_noisy_acc": 1.0})
+    return rows
+
+
+def same(r):
+    return r.randint(2, 40)
+
+
+def test_4a_null_clear_and_too_few_targets():
+    def null(r):
+        return cell([{"flips": flip_rows(r, 8, same, same, same)}])
+    assert agree_rate(null, F.finding_4a) <= 0.05
+    clear = cell([{"flips": flip_rows(random.Random(1), 12, lambda r: r.randint(2, 6), lambda r: r.randint(15, 30),
+                                      lambda r: r.randint(300, 900))}])
+    assert F.finding_4a(clear).verdict == "agree"
+    few = cell([{"flips": flip_rows(random.Random(1), 7, lambda r: 3, lambda r: 30, same)}])
+    v = F.finding_4a(few)
+    assert v.verdict == "inconclusive" and "7 noisy / 7 clean targets, need 8" in v.reason
+
+
+def test_4a_needs_beyond_random_order():
+    """Noisy targets flip easier under greedy *and* under random order by the same factor: the
+    contrast is not about the greedy search, so it does not agree."""
+    c = cell([{"flips": flip_rows(random.Random(1), 12, lambda r: r.randint(2, 6), lambda r: r.randint(15, 30),
+                                  lambda r: r.randint(2, 6))}])
+    # random order's noisy/clean ratio comes from the same draws as greedy's noisy: 4 / 4 = 1 >= greedy's
+    assert F.finding_4a(c).verdict == "agree"
+    c2 = cell([{"flips": flip_rows(random.Random(1), 12, lambda r: r.randint(8, 10), lambda r: r.randint(15, 30),
+                                   lambda r: r.randint(2, 4))}])
+    for t in c2.seeds.values():  # random order: noisy targets need far fewer units than clean ones
+        for r in t["flips"]:
+            if r["method"] == "random" and not r["is_noisy"]:
+                r["n_units"] = 400
+    assert F.finding_4a(c2).verdict == "differ"
+
+
+def test_4b_null_clear_and_too_few_targets():
+    assert agree_rate(lambda r: cell([{"flips": flip_rows(r, 8, same, same, same)}]), F.finding_4b) <= 0.05
+    clear = cell([{"flips": flip_rows(random.Random(1), 8, lambda r: r.randint(2, 9), lambda r: r.randint(2, 9),
+                                      lambda r: r.randint(100, 900))}])
+    assert F.finding_4b(clear).verdict == "agree"
+    v = F.finding_4b(cell([{"flips": flip_rows(random.Random(1), 3, same, same, same)}]))
+    assert v.verdict == "inconclusive"
+
+
+def test_4d_null_clear_and_too_few_targets():
+    def null(r):
+        return cell([{"flips": flip_rows(r, 8, same, same, same)}])
+    assert agree_rate(null, F.finding_4d) <= 0.05
+    clear = cell([{"flips": flip_rows(random.Random(1), 10, same, same, same, cost_noisy=lambda r: r.uniform(0, 0.005),
+                                      cost_clean=lambda r: r.uniform(0.03, 0.08))}])
+    assert F.finding_4d(clear).verdict == "agree"
+    assert F.finding_4d(cell([{"flips": flip_rows(random.Random(1), 5, same, same, same)}])).verdict == "inconclusive"
+
+
+def test_4c_spread_over_sites():
+    spread = cell([{"flips": flip_rows(random.Random(1), 12, lambda r: 4, same, same)}])
+    assert F.finding_4c(spread).verdict == "agree"  # units j % 3: every target with >= 2 units uses 2+ sites
+    one_site = cell([{"flips": flip_rows(random.Random(1), 12, lambda r: 4, same, same)}])
+    for t in one_site.seeds.values():
+        for r in t["flips"]:
+            r["units"] = [{"site": 1, "unit": j} for j in range(r["n_units"])]
+    assert F.finding_4c(one_site).verdict == "differ"
+
+
+# ----------------------------------------------------------------------------- 5a, 5b
+def etd_seed(rng, drop_noisy, test_shift=0.0):
+    def extra(e, r):
+        return {}
+    rows = []
+    for mode, noisy in (("own", 1.0), ("all", 0.9), ("drop", drop_noisy(rng))):
+        for subset, a in (("train_noisy", noisy), ("train_clean", 0.99), ("train_noisy_true", 0.0),
+                          ("test", 0.93 + test_shift + rng.gauss(0, 0.003))):
+            if mode == "own" and subset == "test":
+                continue
+            rows.append({"epoch": EPOCHS, "mode": mode, "subset": subset, "accuracy": a, "loss": 0.0, "n": 100})
+    return {"evals": rows}
+
+
+def twin_cell(rng, n):
+    return cell([{"evals": evals(rng, extra=lambda e, r: {"test": 0.93 + r.gauss(0, 0.003)})} for _ in range(n)])
+
+
+def test_5a_null_clear_and_too_few_seeds():
+    def null(r):  # drop mode drawn like own mode: nothing is forgotten
+        return cell([etd_seed(r, lambda q: q.uniform(0.9, 1.0)) for _ in range(3)], "example_tied", twin_cell(r, 3))
+    assert agree_rate(null, F.finding_5a) <= 0.05
+    r = random.Random(1)
+    clear = cell([etd_seed(r, lambda q: q.uniform(0.0, 0.04), 0.01) for _ in range(3)], "example_tied", twin_cell(r, 3))
+    assert F.finding_5a(clear).verdict == "agree"
+    few = cell([etd_seed(r, lambda q: 0.02) for _ in range(2)], "example_tied", twin_cell(r, 2))
+    assert F.finding_5a(few).verdict == "inconclusive"
+    assert F.finding_5a(cell([etd_seed(r, lambda q: 0.02)] * 3, "example_tied")).reason == "no plain twin in the sweep"
+
+
+def test_5b_waits_for_memorization_scores():
+    v = F.finding_5b(cell([{}], "example_tied"))
+    assert v.verdict == "inconclusive" and v.reason == "no memorization scores"
+
+
+# ----------------------------------------------------------------------------- Holm, CLI
+def test_holm():
+    assert F.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+    # a gated "agree" that does not survive the correction becomes "differ"
+    cells = [cell([grad_seed(random.Random(i), 5.0) for _ in range(3)]) for i in range(3)]
+    out = F.judge_sweep(cells)
+    assert {v.id for v in out} >= {"1a", "1b", "2a", "2b", "3", "4a", "4b", "4c", "4d"}
+    assert all("Holm" in v.interval_or_p for v in out if v.gated and v.verdict != "inconclusive")
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    p = subprocess.run([PY, "-m", "analysis.findings", "--format", "xml", "--results-dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--format='xml' is invalid" in p.stderr and p.stdout == ""
