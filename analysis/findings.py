@@ -495,6 +495,74 @@ def finding_5b(cell: Cell) -> Verdict:
     return inconclusive("5b", cell, "no memorization scores")
 
 
+def _precision_at_truth(cell: Cell) -> dict[str, dict[str, dict[tuple, float]]]:
+    """{method: {kind: {(seed, example_id): precision@|truth|}}} of an ETD cell's localization rows."""
+    out: dict[str, dict[str, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
+    for s, t in cell.seeds.items():
+        for r in t.get("localization", []):
+            if r["n_truth"] and r["k"] == r["n_truth"] and r["precision"] is not None:
+                out[r["method"]][r["target_kind"]][(s, r["example_id"])] = r["precision"]
+    return out
+
+
+def finding_7a(cell: Cell) -> list[Verdict]:
+    """Per method: precision@|truth| on noisy targets above mask_only's on the same targets
+    (Wilcoxon) and above its own on clean targets (Mann-Whitney); Holm over the methods."""
+    prec = _precision_at_truth(cell)
+    if not prec:
+        return [inconclusive("7a", cell, "no localization rows with ETD's truth")]
+    base = prec.get("mask_only", {}).get("noisy", {})
+    out, ps = [], []
+    for method in sorted(m for m in prec if m != "mask_only"):
+        noisy, clean = prec[method].get("noisy", {}), prec[method].get("clean", {})
+        paired = [(v, base[k]) for k, v in noisy.items() if k in base]
+        text = f"{method} localizes memorization (precision@|truth| vs ETD's truth)"
+        if min(len(paired), len(clean)) < MIN_TARGETS:
+            out.append(inconclusive("7a", cell, f"{len(paired)} noisy / {len(clean)} clean targets, need {MIN_TARGETS}",
+                                    finding=text, n=len(paired) + len(clean)))
+            ps.append(math.nan)
+            continue
+        p1 = wilcoxon_less([b for _, b in paired], [a for a, _ in paired])  # mask_only < method
+        p2 = mann_whitney_less(list(clean.values()), [a for a, _ in paired])  # clean < noisy
+        p = max(p1, p2)
+        ps.append(p)
+        out.append(_verdict("7a", cell, finding=text, verdict="agree" if p < ALPHA else "differ", p=p,
+                            n=len(paired) + len(clean),
+                            value=f"median noisy {_median([a for a, _ in paired]):.3f}, clean "
+                                  f"{_median(list(clean.values())):.3f}",
+                            control=f"mask_only on the same noisy targets {_median([b for _, b in paired]):.3f}",
+                            interval_or_p=f"Wilcoxon p={_fmt(p1, 2)}, Mann-Whitney p={_fmt(p2, 2)}"))
+    for v, adj in zip(out, holm(ps)):  # Holm over the methods of this cell
+        if not math.isnan(adj):
+            v.interval_or_p += f"; Holm over methods p={_fmt(adj, 2)}"
+            if v.verdict == "agree" and not adj < ALPHA:
+                v.verdict = "differ"
+    return out
+
+
+def finding_7b(cell: Cell) -> Verdict:
+    """The cheapest method (seconds per target) within 0.05 of the best median noisy
+    precision@|truth|; agrees when that method also localizes memorization (7a)."""
+    prec = _precision_at_truth(cell)
+    secs: dict[str, list[float]] = defaultdict(list)
+    for t in cell.seeds.values():
+        for r in t.get("localization", []):
+            secs[r["method"]].append(r["seconds"])
+    med = {m: _median(list(v.get("noisy", {}).values())) for m, v in prec.items() if v.get("noisy")}
+    med = {m: v for m, v in med.items() if m not in ("mask_only", "random")}
+    if not med:
+        return inconclusive("7b", cell, "no localization rows with ETD's truth")
+    best = max(med, key=med.get)
+    near = [m for m in med if med[m] >= med[best] - 0.05]
+    cheapest = min(near, key=lambda m: _median(secs[m]))
+    passed = {v.finding.split(" ")[0] for v in finding_7a(cell) if v.verdict == "agree"}
+    return _verdict("7b", cell, verdict="agree" if cheapest in passed else "differ",
+                    n=sum(len(v.get("noisy", {})) for v in prec.values()),
+                    value=f"best {best} ({med[best]:.3f}); cheapest within 0.05: {cheapest} ({med[cheapest]:.3f}, "
+                          f"{1000 * _median(secs[cheapest]):.0f} ms/target)",
+                    control=f"{best}: {1000 * _median(secs[best]):.0f} ms/target", interval_or_p="")
+
+
 @dataclass(frozen=True)
 class Finding:
     text: str
@@ -542,12 +610,24 @@ FINDINGS: dict[str, Finding] = {
                   "- twin test >= -0.01 (t-intervals, paired by seed)", finding_5a),
     "5b": Finding("the clean examples drop forgets are atypical (higher memorization scores)", ("etd",), False,
                   "Mann-Whitney and AUC of the score for forgotten vs kept clean examples", finding_5b),
+    "7a": Finding("a localization method finds the units that hold a memorized label", ("etd",), False,
+                  "precision@|truth| on noisy targets above mask_only's on the same targets (Wilcoxon) and above "
+                  "its own on clean targets (Mann-Whitney); p (the larger) < 0.05 after Holm over methods",
+                  finding_7a),
+    "7b": Finding("the cheapest method within 5 points of the best also localizes memorization", ("etd",), False,
+                  "among methods within 0.05 of the best median noisy precision@|truth| (not mask_only or random), "
+                  "the one with the fewest seconds per target passes 7a", finding_7b),
 }
 
 
 def judge_sweep(cells: list[Cell]) -> list[Verdict]:
     """Every finding for every cell it judges, Holm-corrected over the placebo-gated tests."""
-    out = [spec.judge(c) for c in cells for fid, spec in FINDINGS.items() if c.kind in spec.cells]
+    out = []
+    for c in cells:
+        for spec in FINDINGS.values():
+            if c.kind in spec.cells:
+                v = spec.judge(c)
+                out += v if isinstance(v, list) else [v]
     gated = [v for v in out if v.gated and v.verdict != "inconclusive"]
     for v, adj in zip(gated, holm([v.p for v in gated])):
         if v.verdict == "agree" and not adj < ALPHA:
@@ -559,7 +639,7 @@ def judge_sweep(cells: list[Cell]) -> list[Verdict]:
 
 
 # ----------------------------------------------------------------------------- loading
-TABLES = ("evals", "gradients", "rewinding", "retraining", "flips", "etd_examples")
+TABLES = ("evals", "gradients", "rewinding", "retraining", "flips", "etd_examples", "localization")
 
 
 def cell_name(t: dict[str, Any]) -> str:
@@ -601,7 +681,8 @@ def load_cells(store: Store, sweep: str) -> list[Cell]:
 def _order(table: str):
     return {"evals": lambda r: (r["epoch"], r["mode"], r["subset"]),
             "gradients": lambda r: (r["epoch"], r["layer_index"]),
-            "etd_examples": lambda r: r["example_id"]}.get(table, lambda r: 0)
+            "etd_examples": lambda r: r["example_id"],
+            "localization": lambda r: (r["method"], r["target_kind"], r["example_id"], r["k"])}.get(table, lambda r: 0)
 
 
 def sweep_verdicts(store: Store, sweeps: list[str]) -> list[Verdict]:

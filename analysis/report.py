@@ -70,6 +70,10 @@ def cell_figures(store: Store, cell: Cell) -> list[str]:
                 r["pre_test_acc"] - r["post_test_acc"])
         figs.append(_img(plots.png(plots.flip_cost_figure(dict(costs), f"{cell.name}: flip edits' collateral")),
                          "flip collateral"))
+    loc = [r for tt in cell.seeds.values() for r in tt["localization"]]
+    if loc:
+        figs.append(_img(plots.png(plots.localization_figure(loc, f"{cell.name}: localization methods "
+                                                                  f"({len(cell.seeds)} seeds)")), "localization"))
     if cell.kind == "etd":
         rows = [r for tt in cell.seeds.values() for r in tt["evals"]]
         if cell.twin is not None:

@@ -31,7 +31,9 @@ PROTOCOL = 2  # EXPERIMENTS.md's version: results of different protocols are nev
 OMIT_AT_DEFAULT: dict[tuple[str, str], Any] = {}
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
-ANALYSES = ("gradients", "rewind", "retrain", "flip")
+ANALYSES = ("gradients", "rewind", "retrain", "flip", "localize")
+LOCALIZE_METHODS = ("greedy", "random", "mask_only", "zero_out", "grad_x_act", "integrated_gradients", "activation",
+                    "slimming")
 DEFAULT_WIDTH = {"mlp": 512, "lenet": 16, "resnet9": 16, "resnet50": 64, "vit_small": 64}
 # Evaluation modes (EXPERIMENTS.md section 5: `plain` without ETD; `own`, `all`, `drop` with it) and
 # subsets: the `evals` table's `mode` and `subset` values. Metric names are `metric_key(mode, subset)`.
@@ -192,6 +194,13 @@ class AnalysisConfig:
     flip_targets_per_batch: int = 64  # targets searched together (1: one at a time)
     flip_sites: tuple[int, ...] | None = None  # sites whose units may be zeroed (None: all)
     eval_samples: int = 512  # fixed sample size per subset for post-edit accuracies
+    # localization methods (section 7), scored against ETD's truth in mode `own`
+    localize_methods: tuple[str, ...] = LOCALIZE_METHODS
+    localize_k: tuple[int, ...] = (8, 32)  # fixed k for precision@k (k = |truth| is always scored)
+    localize_targets: int = 16  # noisy targets (and as many clean ones)
+    localize_reference: int = 32  # reference batch R
+    localize_budget: int = 64  # most units zeroed in rank order when counting units to flip
+    ig_steps: int = 32  # integrated gradients' trapezoid intervals (>= 16)
 
     def validate(self) -> None:
         _require(all(a in ANALYSES for a in self.run) and len(set(self.run)) == len(self.run),
@@ -207,8 +216,17 @@ class AnalysisConfig:
                  self.retrain_epoch, f"0 or one of the fixed snapshot epochs {list(self.snapshot_epochs)}")
         _require(_is_num(self.retrain_weight_decay) and self.retrain_weight_decay >= 0,
                  "analyses.retrain_weight_decay", self.retrain_weight_decay, "a number >= 0")
+        _require(len(self.localize_methods) > 0 and all(m in LOCALIZE_METHODS for m in self.localize_methods)
+                 and len(set(self.localize_methods)) == len(self.localize_methods), "analyses.localize_methods",
+                 list(self.localize_methods), f"distinct names from {list(LOCALIZE_METHODS)}")
+        _require(len(self.localize_k) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                                  for k in self.localize_k), "analyses.localize_k",
+                 list(self.localize_k), "a non-empty list of integers >= 1")
+        _require(isinstance(self.ig_steps, int) and self.ig_steps >= 16, "analyses.ig_steps", self.ig_steps,
+                 "an integer >= 16 (the trapezoid rule's error)")
         for name in ("retrain_max_epochs", "retrain_patience", "flip_targets", "flip_reference",
-                     "flip_targets_per_batch", "eval_samples"):
+                     "flip_targets_per_batch", "eval_samples", "localize_targets", "localize_reference",
+                     "localize_budget"):
             v = getattr(self, name)
             _require(isinstance(v, int) and v >= 1, f"analyses.{name}", v, "an integer >= 1")
         _require(isinstance(self.flip_budget, int) and self.flip_budget >= 1, "analyses.flip_budget",

@@ -34,20 +34,22 @@ from .dropout import ExampleTiedDropout
 from .models import build_model
 from .objectives import objective as objective_value
 from .probes.flips import flip_rows, select_targets
+from .probes.localize import localization_rows
 from .probes.retraining import retrain_item
 from .probes.rewinding import rewind_item
-from .summary import epoch_metrics, final_metrics, flip_summary
+from .summary import epoch_metrics, final_metrics, flip_summary, localization_summary
 from .tables import TrialStore
-from .train import Diverged, Trainer, example_correctness, load_state, pick_device, save_state
+from .train import Diverged, Trainer, example_correctness, load_state, pick_device, predict, save_state
 
 WorkItem = tuple
 Rows = list[dict[str, Any]]
 # analysis name -> its table (ARCHITECTURE.md), and each table's row order
-ANALYSIS_TABLES = {"rewind": "rewinding", "retrain": "retraining", "flip": "flips"}
+ANALYSIS_TABLES = {"rewind": "rewinding", "retrain": "retraining", "flip": "flips", "localize": "localization"}
 ROW_ORDER: dict[str, Callable[[dict], tuple]] = {
     "rewinding": lambda r: (r["layer_index"], r["rewind_epoch"], r["subset"]),
     "retraining": lambda r: (r["layer_index"], r["rewind_epoch"], r["subset"]),
     "flips": lambda r: (r["method"], not r["is_noisy"], r["example_id"]),
+    "localization": lambda r: (r["method"], r["target_kind"], r["example_id"], r["k"]),
 }
 
 
@@ -64,7 +66,14 @@ def analysis_items(cfg: ExperimentConfig, n_groups: int, snapshot_epochs: list[i
         for method in ("greedy", "random"):
             items += [("flip", method, start, min(start + a.flip_targets_per_batch, n))
                       for start in range(0, n, a.flip_targets_per_batch)]
+    if "localize" in run:  # one item per method, every target batched (the slow methods first)
+        items += [("localize", m) for m in sorted(cfg.analyses.localize_methods, key=LOCALIZE_COST.get, reverse=True)]
     return items
+
+
+# relative cost of the localization methods (measured on the default mlp): the slowest start first
+LOCALIZE_COST = {"greedy": 8, "slimming": 6, "zero_out": 5, "integrated_gradients": 4, "activation": 1,
+                 "grad_x_act": 1, "random": 0, "mask_only": 0}
 
 
 def skipped_analyses(cfg: ExperimentConfig, data: Data) -> dict[str, str]:
@@ -96,6 +105,7 @@ class AnalysisRunner:
         self.etd = (ExampleTiedDropout(cfg.dropout, self.model.site_units, self.data.n_train, self.device)
                     if cfg.dropout.kind == "example_tied" else None)
         self._flip_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._localize: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def run(self, item: WorkItem) -> tuple[str, Rows]:
         kind = item[0]
@@ -122,7 +132,36 @@ class AnalysisRunner:
                                       targets_per_batch=a.flip_targets_per_batch,
                                       sites=list(a.flip_sites) if a.flip_sites is not None else None,
                                       etd=self.etd, eval_samples=a.eval_samples, seed=self.cfg.seed)
+        if kind == "localize":
+            _, method = item
+            a = self.cfg.analyses
+            targets, ref, test_ids = self.localize_targets()
+            if targets.numel() == 0:
+                return "localization", []
+            return "localization", localization_rows(self.model, self.data, targets, ref, test_ids, [method],
+                                                     list(a.localize_k), budget=a.localize_budget, etd=self.etd,
+                                                     seed=self.cfg.seed, ig_steps=a.ig_steps)
         raise ValueError(f"unknown work item {item!r}")
+
+    def localize_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(targets, reference ids, test sample) for localization (section 7): seeded samples of the
+        noisy and clean examples the model predicts with their given label in mode `own` (as
+        trained), a clean reference batch disjoint from them, and a fixed test sample."""
+        if self._localize is None:
+            a = self.cfg.analyses
+            own = (lambda i: self.etd.example_masks(i)) if self.etd is not None else None
+            ok = (predict(self.model, self.data.x_train, own).argmax(1) == self.data.y_train).cpu()
+            noisy = self.data.noise_mask.cpu()
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 31)
+            pick = [ids[torch.randperm(len(ids), generator=g)][:a.localize_targets]
+                    for ids in (torch.nonzero(ok & noisy).flatten(), torch.nonzero(ok & ~noisy).flatten())]
+            targets = torch.cat(pick)
+            clean = torch.nonzero(~noisy).flatten()
+            pool = clean[~torch.isin(clean, targets)]
+            ref = pool[torch.randperm(len(pool), generator=g)][:a.localize_reference].sort().values
+            test = torch.randperm(self.data.x_test.shape[0], generator=g)[:a.eval_samples]
+            self._localize = (targets, ref, test)
+        return self._localize
 
     def flip_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets, reference ids), drawn once per runner from the final model (deterministic)."""
@@ -312,7 +351,8 @@ class Trial:
             for name, png in figures.items():
                 self.store.write_figure(name, png)
         self.timed("write", t)
-        final = {**self.trainer.final(), **flip_summary(self.tables.get("flips", []))}
+        final = {**self.trainer.final(), **flip_summary(self.tables.get("flips", [])),
+                 **localization_summary(self.tables.get("localization", []))}
         if self.objective is not None:
             final["objective"] = objective_value(self.objective, self.trainer.final())
         final["skipped"] = "; ".join(f"{k}: {v}" for k, v in skipped_analyses(self.cfg, self.data).items())

@@ -132,6 +132,47 @@ def flips_figure(rows: Rows, title: str = "") -> plt.Figure:
     return fig
 
 
+def localization_figure(rows: Rows, title: str = "") -> plt.Figure:
+    """Localization methods (section 7): left, median precision@k per method at each fixed k and at
+    k = |truth| (solid: noisy targets, dashed: clean); right, the CDF of units to flip in each
+    method's rank order (noisy targets; not flipped within the budget: off the chart)."""
+    methods = sorted({r["method"] for r in rows})
+    cmap = plt.get_cmap("tab10")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    has_truth = any(r["n_truth"] for r in rows)
+    for i, m in enumerate(methods):
+        for kind, ls in (("noisy", "-"), ("clean", "--")):
+            sel = [r for r in rows if r["method"] == m and r["target_kind"] == kind and r["precision"] is not None]
+            fixed = sorted({r["k"] for r in sel if r["k"] != r["n_truth"]})
+            xs = [str(k) for k in fixed] + (["|truth|"] if has_truth else [])
+            ys = [_median([r["precision"] for r in sel if r["k"] == k and r["k"] != r["n_truth"]]) for k in fixed]
+            if has_truth:
+                ys.append(_median([r["precision"] for r in sel if r["k"] == r["n_truth"]]))
+            if sel:
+                ax1.plot(xs, ys, ls, marker="o", color=cmap(i), label=m if kind == "noisy" else None)
+        units = sorted({r["example_id"]: r for r in rows if r["method"] == m and r["target_kind"] == "noisy"
+                        and r["flipped"]}.values(), key=lambda r: r["units_to_flip"])
+        n_all = len({r["example_id"] for r in rows if r["method"] == m and r["target_kind"] == "noisy"})
+        if units:
+            ax2.step([r["units_to_flip"] for r in units], [(j + 1) / n_all for j in range(len(units))], where="post",
+                     color=cmap(i), label=m)
+    ax1.set(xlabel="k", ylabel="precision@k vs ETD's truth (median)", ylim=(0, 1.02),
+            title="precision@k: noisy (solid), clean (dashed)" if has_truth else "no ETD: no truth to score")
+    ax2.set(xlabel="units zeroed in rank order", ylabel="fraction of noisy targets flipped", xscale="log",
+            title="units to flip (CDF)")
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title or "Localization methods")
+    fig.tight_layout()
+    return fig
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    return math.nan if not v else (v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)
+
+
 MODE_COLORS = {"plain": "tab:gray", "own": "tab:orange", "all": "tab:green", "drop": "tab:purple"}
 
 
@@ -287,7 +328,7 @@ def png(fig: plt.Figure) -> bytes:
 
 
 FIGURES = {"gradients": gradients_figure, "rewinding": rewinding_figure, "retraining": retraining_figure,
-           "flips": flips_figure}
+           "flips": flips_figure, "localization": localization_figure}
 
 
 def trial_figures(tables: dict[str, Rows], title: str = "") -> dict[str, bytes]:

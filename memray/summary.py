@@ -32,6 +32,24 @@ def units_to_flip(rows: Rows, method: str, noisy: bool) -> list[float]:
             if r["method"] == method and r["is_noisy"] == noisy]
 
 
+def localization_summary(rows: Rows) -> dict[str, float]:
+    """Per method and target kind: the median precision@|truth| (ETD trials), the median units to
+    flip in rank order (not flipped: infinite; NaN when that is the median), seconds per target.
+    Keys like 'localize/greedy/noisy/precision_at_truth'."""
+    out: dict[str, float] = {}
+    for (method, kind) in sorted({(r["method"], r["target_kind"]) for r in rows}):
+        sel = [r for r in rows if r["method"] == method and r["target_kind"] == kind]
+        key = f"localize/{method}/{kind}"
+        at_truth = [r["precision"] for r in sel if r["n_truth"] and r["k"] == r["n_truth"]]
+        if at_truth:
+            out[f"{key}/precision_at_truth"] = statistics.median(at_truth)
+        per_target = {r["example_id"]: r for r in sel}.values()
+        n = statistics.median(r["units_to_flip"] if r["flipped"] else math.inf for r in per_target)
+        out[f"{key}/median_units_to_flip"] = n if math.isfinite(n) else math.nan
+        out[f"{key}/seconds_per_target"] = statistics.median(r["seconds"] for r in per_target)
+    return out
+
+
 def flip_summary(rows: Rows) -> dict[str, float]:
     """Per method and target kind: median units to flip (targets not flipped count as infinitely
     many; a median that lands on one is reported as NaN), the flipped fraction, and the median

@@ -9,7 +9,7 @@ import json
 import os
 
 from memray import tables
-from memray.config import PROTOCOL, ExperimentConfig
+from memray.config import LOCALIZE_METHODS, PROTOCOL, ExperimentConfig
 
 
 class UsageError(Exception):
@@ -44,6 +44,30 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--analysis-workers", type=int, default=1)
     p.add_argument("--mlflow-uri", default=None, help="tracking URI [sqlite:///<results>/mlflow.db]")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
+
+
+def add_localize_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--localize-methods", default=None,
+                   help=f"localization methods to score, comma-separated from {list(LOCALIZE_METHODS)} [all]")
+    p.add_argument("--localize-k", default=None, help="fixed k for precision@k, e.g. 8,32 [8,32]")
+
+
+def localize_overrides(args) -> dict:
+    """The `analyses` fields the localization flags set ({} when neither is given)."""
+    out: dict = {}
+    if args.localize_methods is not None:
+        names = split_list("--localize-methods", args.localize_methods, str)
+        bad = [n for n in names if n not in LOCALIZE_METHODS]
+        if bad or len(set(names)) != len(names):
+            raise UsageError(f"--localize-methods={args.localize_methods!r} is invalid: "
+                             + (f"{bad[0]!r} is not one of {list(LOCALIZE_METHODS)}" if bad else "a name is repeated"))
+        out["localize_methods"] = names
+    if args.localize_k is not None:
+        ks = split_list("--localize-k", args.localize_k, int)
+        if any(k < 1 for k in ks):
+            raise UsageError(f"--localize-k={args.localize_k!r} is invalid: integers >= 1")
+        out["localize_k"] = ks
+    return out
 
 
 def check_runtime(args) -> None:

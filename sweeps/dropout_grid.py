@@ -16,7 +16,16 @@ import sys
 from memray.config import ANALYSES, NOISE_KINDS, ConfigError, ExperimentConfig
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
-from .cli import UsageError, add_runtime_flags, check_resume, check_runtime, print_dry_run, split_list
+from .cli import (
+    UsageError,
+    add_localize_flags,
+    add_runtime_flags,
+    check_resume,
+    check_runtime,
+    localize_overrides,
+    print_dry_run,
+    split_list,
+)
 from .launch import launch
 from .plan import Plan, longest_first
 from .presets import PAPER_RESNET9_WIDTH, PRESETS
@@ -38,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", help="peak learning rates (an axis), e.g. 0.05,0.1")
     p.add_argument("--seeds"), p.add_argument("--epochs", type=int)
     p.add_argument("--analyses", help=f"comma-separated from {list(ANALYSES)}, or 'none'")
+    add_localize_flags(p)
     add_runtime_flags(p)
     return p
 
@@ -63,7 +73,8 @@ def build_configs(args) -> list[ExperimentConfig]:
         analyses = [] if args.analyses == "none" else split_list("--analyses", args.analyses, str)
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs={args.epochs} is invalid: an integer >= 1")
-    base = pr.get("base", {})
+    base = copy.deepcopy(pr.get("base", {}))
+    base.setdefault("analyses", {}).update(localize_overrides(args))
     configs: dict[str, ExperimentConfig] = {}
     for ds, arch, width, noise, kind_of_noise, seed, lr in itertools.product(
             axes["datasets"], axes["archs"], axes["widths"], axes["noise"], axes["noise_kind"], axes["seeds"],

@@ -22,7 +22,15 @@ from memray.config import ANALYSES, ARCHS, DATASETS, NOISE_KINDS, ConfigError, E
 from memray.objectives import OBJECTIVES
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
-from .cli import UsageError, add_runtime_flags, check_resume, check_runtime, split_list
+from .cli import (
+    UsageError,
+    add_localize_flags,
+    add_runtime_flags,
+    check_resume,
+    check_runtime,
+    localize_overrides,
+    split_list,
+)
 from .launch import launch
 from .plan import Plan
 
@@ -51,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler [0]")
     p.add_argument("--analyses", default="none", help=f"run after training: comma-separated from "
                                                       f"{list(ANALYSES)}, or 'none' [none]")
+    add_localize_flags(p)
     add_runtime_flags(p)
     return p
 
@@ -78,7 +87,7 @@ def build(args) -> tuple[dict, dict, dict]:
     analyses = [] if args.analyses == "none" else split_list("--analyses", args.analyses, str)
     base = {"data": {"dataset": args.dataset, "noise_rate": args.noise, "noise_kind": args.noise_kind}, "model": {"arch": args.arch},
             "dropout": {"kind": "example_tied"}, "optim": {"epochs": args.epochs},
-            "analyses": {"run": analyses}, "seed": args.seed}
+            "analyses": {"run": analyses, **localize_overrides(args)}, "seed": args.seed}
     ExperimentConfig.from_dict(base)
     for corner in (0, 1):  # every value in the ranges must be a valid config
         d = {**base, "dropout": {"kind": "example_tied", "p_gen": ranges["p_gen"][corner],

@@ -23,9 +23,10 @@ PRESETS: dict[str, dict] = {
     "tiny": {
         "datasets": ["digits"], "archs": ["mlp"], "widths": [64], "noise": [0.1],
         "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1], "seeds": [0], "epochs": 3,
-        "analyses": ["gradients", "rewind", "retrain", "flip"],
+        "analyses": ["gradients", "rewind", "retrain", "flip", "localize"],
         "base": {"analyses": {"retrain_max_epochs": 2, "flip_targets": 4, "flip_budget": 8, "flip_reference": 16,
-                              "eval_samples": 64}},
+                              "eval_samples": 64, "localize_targets": 2, "localize_reference": 8,
+                              "localize_budget": 8, "localize_k": [4], "ig_steps": 16}},
     },
     # Under 2 minutes on 2 cores: digits, mlp, ETD vs its plain twin, one seed.
     "smoke": {
@@ -40,7 +41,7 @@ PRESETS: dict[str, dict] = {
         "dropout": ["example_tied"], "p_gen": [0.2], "p_mem": [0.1], "seeds": [0, 1, 2], "epochs": None,
         "epochs_by_arch": {"mlp": 60, "resnet9": 30},
         "p_gen_by_arch": P_GEN_BY_ARCH,
-        "analyses": ["gradients", "rewind", "retrain", "flip"],
+        "analyses": ["gradients", "rewind", "retrain", "flip", "localize"],
         "base": {"analyses": dict(FLIP_BUDGETS)},
     },
     # The grid the default preset had before protocol 2, with 3 seeds: both offline datasets, p_mem
@@ -51,7 +52,7 @@ PRESETS: dict[str, dict] = {
         # resnet9 needs 30 epochs to memorize mnist1d's noisy labels (15: 25% of them; 30: all)
         "epochs_by_arch": {"mlp": 60, "resnet9": 30},
         "p_gen_by_arch": P_GEN_BY_ARCH,
-        "analyses": ["gradients", "rewind", "retrain", "flip"],
+        "analyses": ["gradients", "rewind", "retrain", "flip", "localize"],
         "base": {"analyses": dict(FLIP_BUDGETS)},
     },
     # The authors' recipe on a GPU cluster (EXPERIMENTS.md, "The authors' recipe"): SGD momentum
@@ -61,7 +62,7 @@ PRESETS: dict[str, dict] = {
         "datasets": ["mnist", "svhn", "cifar10"], "archs": ["resnet9", "resnet50", "vit_small"],
         "widths": [None], "noise": [0.05, 0.1, 0.2], "dropout": ["example_tied", "standard"],
         "p_gen": [0.1, 0.2, 0.4], "p_mem": [0.05, 0.1, 0.2], "seeds": [0, 1, 2], "epochs": None,
-        "analyses": ["gradients", "rewind", "retrain", "flip"],
+        "analyses": ["gradients", "rewind", "retrain", "flip", "localize"],
         "base": {"optim": {"lr": 0.1, "weight_decay": 5e-4, "batch_size": 512, "schedule": "onecycle"},
                  "analyses": {"snapshot_epochs": [10, 25]},
                  # an ETD evaluation (3 modes on the training set) costs about an epoch of training

@@ -38,6 +38,13 @@ def test_digits_split_and_noise(digits):
     assert abs(digits.x_train.mean().item()) < 1e-4 and abs(digits.x_train.std().item() - 1) < 1e-3
 
 
+def test_placebo_marks_the_same_examples_and_keeps_their_labels(digits):
+    placebo = D.load_data(DataConfig(dataset="digits", noise_rate=0.1, noise_kind="placebo"))
+    assert torch.equal(placebo.noise_mask, digits.noise_mask) and int(placebo.noise_mask.sum()) == 140
+    assert torch.equal(placebo.y_train, placebo.y_true) and torch.equal(placebo.y_true, digits.y_true)
+    assert (digits.y_train[digits.noise_mask] != digits.y_true[digits.noise_mask]).all()
+
+
 def test_mnist1d_shapes():
     d = D.load_data(DataConfig(dataset="mnist1d", noise_rate=0.2))
     assert d.x_train.shape == (4000, 1, 40) and d.x_test.shape == (1000, 1, 40)

@@ -272,3 +272,36 @@ def test_cli_bad_input_exits_2(tmp_path):
     p = subprocess.run([PY, "-m", "analysis.findings", "--format", "xml", "--results-dir", str(tmp_path)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--format='xml' is invalid" in p.stderr and p.stdout == ""
+
+
+# ----------------------------------------------------------------------------- 7a, 7b (localization)
+def loc_rows(rng, n, noisy_prec, clean_prec, base_prec, methods=("zero_out", "grad_x_act")):
+    rows = []
+    for i in range(n):
+        for kind, prec in (("noisy", noisy_prec), ("clean", clean_prec)):
+            ex = i if kind == "noisy" else 1000 + i
+            for m in (*methods, "mask_only"):
+                p = base_prec(rng) if m == "mask_only" and kind == "noisy" else prec(rng)
+                rows.append({"example_id": ex, "target_kind": kind, "method": m, "k": 40, "n_truth": 40,
+                             "precision": p, "recall": p, "flipped": True, "units_to_flip": 5,
+                             "seconds": 0.01 if m == "grad_x_act" else 0.5})
+    return {"localization": rows}
+
+
+def test_7a_null_clear_and_too_few_targets():
+    def u(r):
+        return r.uniform(0.2, 0.6)
+
+    def null(r):
+        return cell([loc_rows(r, 8, u, u, u)], "example_tied")
+    rate = sum(v.verdict == "agree" for i in range(200) for v in F.finding_7a(null(random.Random(i)))) / 400
+    assert rate <= 0.05
+    clear = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), u, u)], "example_tied"))
+    assert [v.verdict for v in clear] == ["agree", "agree"] and "Holm over methods" in clear[0].interval_or_p
+    assert clear[0].finding.startswith("grad_x_act localizes")
+    few = F.finding_7a(cell([loc_rows(random.Random(1), 5, u, u, u)], "example_tied"))
+    assert {v.verdict for v in few} == {"inconclusive"}
+    # the cheapest method within 0.05 of the best, and whether it localizes
+    b = F.finding_7b(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), u, u)], "example_tied"))
+    assert b.verdict == "agree" and "cheapest within 0.05: grad_x_act" in b.value
+    assert F.finding_7b(cell([{}], "example_tied")).verdict == "inconclusive"

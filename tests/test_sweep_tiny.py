@@ -46,10 +46,17 @@ def test_tiny_sweep_writes_every_table(tiny_sweep):
         figs = sorted(p.name for p in (results / "figures" / "sweep=t1" / k).iterdir())
         # an ETD trial also draws the clean examples `drop` forgets beside kept ones
         assert figs == (["flips.png"] + (["forgotten.png"] if dropout == "example_tied" else [])
-                        + ["gradients.png", "retraining.png", "rewinding.png"])
+                        + ["gradients.png", "localization.png", "retraining.png", "rewinding.png"])
     # protocol 2 columns: every trial's protocol and noise kind, per-example ETD correctness
     assert q(results, "trials", "select distinct protocol, noise_kind from t") == [(2, "label")]
     assert q(results, "etd_examples") == [(1400,)]
+    # localization: per trial 8 methods x its targets (<= 2 noisy + 2 clean) x k in {4} and, with
+    # ETD's truth, k = |truth|; the plain twin has no truth (mode plain, precision null)
+    per = dict(q(results, "localization", "select mode, count(distinct method) from t group by mode"))
+    assert per == {"own": 8, "plain": 8}
+    assert q(results, "localization", "select count(*) from t where mode = 'plain' and precision is not null") == [(0,)]
+    assert q(results, "localization", "select count(*) from t where mode = 'own' and k = n_truth and "
+                                      "precision between 0 and 1") != [(0,)]
     assert q(results, "gradients", "select count(*) from t where aggregation = 'epoch' and control_norm > 0") \
         == [(2 * 3 * 4,)]
 
@@ -72,11 +79,12 @@ print(json.dumps({{"parents": len(parents), "children": len(children), "artifact
   "steps": sorted(m.step for m in hist)}}))
 """
     out = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    figs = ["figures/flips.png", "figures/gradients.png", "figures/retraining.png", "figures/rewinding.png"]
+    figs = ["figures/flips.png", "figures/gradients.png", "figures/localization.png", "figures/retraining.png",
+            "figures/rewinding.png"]
     assert out == {"parents": 1, "children": 2, "parent_ok": True, "steps": [1, 2, 3], "status": ["FINISHED"],
                    "artifacts": sorted(figs * 2 + ["figures/forgotten.png"])}
     # the artifacts live in the results store beside mlflow.db, not in the working directory
-    assert len(list((results / "mlartifacts" / "t1").glob("*/artifacts/figures/*.png"))) == 2 * 4 + 1
+    assert len(list((results / "mlartifacts" / "t1").glob("*/artifacts/figures/*.png"))) == 2 * 5 + 1
     assert not (results.parent / "mlruns").exists()
 
 
@@ -193,3 +201,47 @@ def test_no_import_cycles():
 
     cycles = sorted(m for m in graph if m in reach(m))
     assert cycles == []
+
+
+def test_resuming_a_protocol_1_sweep_exits_2_and_names_it(tmp_path):
+    """A sweep stored under protocol 1 (its grid file has no protocol) is not resumed or re-run
+    under protocol 2: exit 2 before anything starts, the stored files untouched."""
+    results = tmp_path / "r"
+    grid = results / "sweeps" / "old.grid.json"
+    grid.parent.mkdir(parents=True)
+    grid.write_text(json.dumps({"trial_keys": ["abc"], "spec": None, "preset": "tiny", "run_id": "x"}))
+    before = sorted(p.name for p in results.rglob("*"))
+    for extra in (["--resume"], []):
+        p = run_cli("--preset", "tiny", "--name", "old", "--results-dir", str(results), *extra)
+        assert p.returncode == 2
+        assert "sweep 'old'" in p.stderr and "was run under protocol 1; this code runs protocol 2" in p.stderr
+    assert sorted(p.name for p in results.rglob("*")) == before and not (results / "ray").exists()
+
+
+def test_noise_kind_axis_and_bad_values():
+    from sweeps.dropout_grid import build_configs, parser
+
+    configs = build_configs(parser().parse_args(["--preset", "tiny", "--noise-kind", "label,placebo"]))
+    assert sorted((c.data.noise_kind, c.dropout.kind) for c in configs) == [
+        ("label", "example_tied"), ("label", "none"), ("placebo", "example_tied"), ("placebo", "none")]
+    assert len({c.trial_key for c in configs}) == 4
+    p = run_cli("--preset", "tiny", "--noise-kind", "label,fake", "--dry-run")
+    assert p.returncode == 2 and "data.noise_kind='fake' is invalid: one of ['label', 'placebo']" in p.stderr
+
+
+@pytest.mark.parametrize("module", ["sweeps.dropout_grid", "sweeps.dropout_search"])
+def test_bad_localize_flags_exit_2_naming_the_value(tmp_path, module):
+    r = tmp_path / "r"
+    p = run_cli("--localize-methods", "greedy,best", "--results-dir", str(r), module=module)
+    assert p.returncode == 2 and "--localize-methods='greedy,best' is invalid: 'best' is not one of" in p.stderr
+    p = run_cli("--localize-k", "8,0", "--results-dir", str(r), module=module)
+    assert p.returncode == 2 and "--localize-k='8,0' is invalid: integers >= 1" in p.stderr
+    p = run_cli("--localize-k", "8,x", "--results-dir", str(r), module=module)
+    assert p.returncode == 2 and "--localize-k='8,x' is invalid: 'x' is not a int" in p.stderr
+    assert not r.exists()
+    if module == "sweeps.dropout_grid":
+        from sweeps.dropout_grid import build_configs, parser
+
+        c = build_configs(parser().parse_args(["--preset", "default", "--localize-methods", "zero_out,random",
+                                               "--localize-k", "4"]))[0]
+        assert c.analyses.localize_methods == ("zero_out", "random") and c.analyses.localize_k == (4,)

@@ -18,6 +18,8 @@ from ray import tune
 from memray import tables
 from memray.config import ExperimentConfig, parse_metric_key
 
+ANALYSIS_METRICS = ("flip/", "localize/")  # prefixes of the summary metrics a finished trial reports
+
 
 def trial_row(sweep: str, exp: dict, status: str, attempts: int, result: dict, error: str | None,
               run_id: str | None = None) -> dict:
@@ -168,6 +170,9 @@ class MlflowLogger(tune.Callback):
             metrics = {f"final/{k}": v for k, v in accs.items()}
             if result.get("objective") is not None:  # a search trial's last epoch came only here
                 metrics.update(accs)
+            # the analyses' summary numbers (memray.summary): flip medians, localization precision
+            metrics.update({k: v for k, v in result.items() if k.startswith(ANALYSIS_METRICS)
+                            and isinstance(v, float) and v == v})
         by_step = self.pending.setdefault(key, (exp, {}))[1]
         by_step.setdefault(int(result["epoch"]), {}).update(metrics)
 
