@@ -67,7 +67,7 @@ def analysis_items(cfg: ExperimentConfig, n_groups: int, snapshot_epochs: list[i
             items += [("flip", method, start, min(start + a.flip_targets_per_batch, n))
                       for start in range(0, n, a.flip_targets_per_batch)]
     if "localize" in run:  # one item per method, every target batched (the slow methods first)
-        items += [("localize", m) for m in sorted(cfg.analyses.localize_methods, key=LOCALIZE_COST.get, reverse=True)]
+        items += [("localize", m) for m in sorted(cfg.analyses.localize_methods, key=lambda m: -LOCALIZE_COST.get(m, 1))]
     return items
 
 

@@ -176,11 +176,16 @@ def test_s3_results_store_on_loopback(tmp_path):
             p = subprocess.run([PY, "-m", "analysis.query", "--results-dir", uri, "--format", "csv",
                                 "select (select count(*) from trials where status = 'done') t, "
                                 "(select count(*) from evals) e, (select count(*) from rewinding) r, "
+                                "(select count(distinct (trial_key, layer_index, rewind_epoch, subset)) from rewinding) rd, "
+                                "(select count(*) from rewinding where rewind_epoch in (0, 3)) r03, "
                                 "(select count(distinct trial_key) from flips) f, (select count(*) from sweeps) s"],
                                capture_output=True, text=True, env={**os.environ})
             assert p.returncode == 0, p.stderr[-2000:]
-            # 4 trials: evals 3 epochs x (4 plain + 3 x 11 ETD); rewinding 4 x 4 groups x 2 snapshots x 4 subsets
-            assert p.stdout.splitlines()[1] == f"4,{3 * 4 + 3 * 3 * 11},{4 * 4 * 2 * 4},4,1"
+            # 4 trials: evals 3 epochs x (4 plain + 3 x 11 ETD); rewinding 4 x 4 groups x 4 subsets x the
+            # snapshots (0, the final epoch 3, and where train_noisy crossed its thresholds): no row twice
+            t, e, r, rd, r03, f, s = map(int, p.stdout.splitlines()[1].split(","))
+            assert (t, e, f, s) == (4, 3 * 4 + 3 * 3 * 11, 4, 1)
+            assert r == rd and r % 16 == 0 and r03 == 4 * 4 * 2 * 4
             store = open_store(uri)
             assert all(store.files[t] for t in store.files)  # every table written to S3
         finally:

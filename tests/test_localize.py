@@ -60,7 +60,7 @@ def test_zero_out_equals_brute_force(etd_model):
 
 def test_grad_x_act_is_the_first_greedy_step(etd_model):
     loc, ids = etd_model
-    first = L.greedy(loc, ids, 1)[:, 0]
+    first = L.greedy(loc, ids, L.Options(budget=1))[:, 0]
     top = L.ranking(loc, "grad_x_act", ids, 8)[:, 0]
     assert torch.equal(first, top)
 
@@ -90,7 +90,7 @@ def test_integrated_gradients_completeness(etd_model):
             assert (gap < 0.02 * size).all(), (gap / size).max()
     assert gaps[256] <= gaps[64] * (1 + 1e-9) <= gaps[16] * (1 + 1e-9), gaps
     with pytest.raises(L.LocalizeError, match="steps=8 is invalid: at least 16"):
-        L.integrated_gradients(loc, ids, 8)
+        L.integrated_gradients(loc, ids, L.Options(ig_steps=8))
 
 
 def planted(digits):
@@ -138,6 +138,16 @@ def test_planted_truth_is_found(digits):
     assert precision["zero_out"] >= 0.8 and precision["grad_x_act"] >= 0.8, precision
     assert precision["integrated_gradients"] >= 0.8, precision
     assert precision["random"] < 0.8, precision
+
+
+def test_every_method_has_one_signature_and_the_config_lists_them():
+    import inspect
+
+    from memray.config import LOCALIZE_METHODS
+
+    assert set(L.METHODS) == set(LOCALIZE_METHODS)
+    for fn in L.METHODS.values():
+        assert list(inspect.signature(fn).parameters)[:3] == ["loc", "ids", "opts"]
 
 
 def test_rows_and_bad_methods(etd_model):

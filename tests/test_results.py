@@ -96,15 +96,15 @@ def test_report_has_figures_and_findings(tiny_sweep, tmp_path):
     p = run_cli("--results-dir", str(results), "--sweep", "t1", "--out", str(out), module="analysis.report")
     assert p.returncode == 0, p.stderr[-2000:]
     page = (out / "index.html").read_text()
-    # per cell: gradient norms with the control, rewinding classes, flip collateral; the ETD cell
-    # also its accuracy curves and the forgotten-vs-kept examples its trial drew
-    assert page.count('src="data:image/png;base64,') == 8 and "<script" not in page
+    # per cell: gradient norms with the control, rewinding classes, flip collateral, localization;
+    # the ETD cell also its accuracy curves and the forgotten-vs-kept examples its trial drew
+    assert page.count('src="data:image/png;base64,') == 10 and "<script" not in page
     assert page.index("<h3>Summary</h3>") < page.index("<h3>Verdicts per cell") < page.index("<h3>Trials</h3>")
     assert "(protocol 2)" in page and 'alt="forgotten vs kept"' in page
     # every verdict of analysis.findings is a row of the table, coloured by its verdict
     js = run_cli("--results-dir", str(results), "--sweep", "t1", "--format", "json", module="analysis.findings")
     verdicts = json.loads(js.stdout)
-    assert {v["id"] for v in verdicts} == {"1a", "1b", "2a", "2b", "3", "4a", "4b", "4c", "4d", "5a", "5b"}
+    assert {v["id"] for v in verdicts} == {"1a", "1b", "2a", "2b", "3", "4a", "4b", "4c", "4d", "5a", "5b", "7a", "7b"}
     assert sum(page.count(f"<td class='{k}'>") for k in ("agree", "differ", "inconclusive")) == len(verdicts)
     assert f"{len(verdicts)} findings" in p.stdout
     # one seed per cell: every seed-pooled verdict is inconclusive, never agree
@@ -224,5 +224,5 @@ def test_report_puts_several_sweeps_side_by_side(tiny_sweep, tmp_path):
     assert "<h2>Sweep t1 (protocol 2)</h2>" in page and "<h2>Sweep t2 (protocol 2)</h2>" in page
     assert page.index("<h2>Sweep t1") < page.index("<h2>Sweep t2")
     # the forgotten-vs-kept figure is the trial's file under figures/sweep=t1 only
-    assert page.count('src="data:image/png;base64,') == 8 + 7
-    assert "2 sweep(s), 15 figures" in p.stdout
+    assert page.count('src="data:image/png;base64,') == 10 + 9
+    assert "2 sweep(s), 19 figures" in p.stdout

@@ -28,13 +28,16 @@ candidates by descending score (ties: the lower flat index, site-major). Methods
   activation            the target's mean activation of u against its mean and spread over R;
   slimming              a per-target mask s in [0, 1] trained (Adam) to flip the target while
                         keeping R, with an L1 penalty on 1 - s; rank by 1 - s.
-A method is a function `(Localizer, targets) -> scores (T, U)` (greedy returns its order) in
-`METHODS`; adding one is one function here.
+A method is a function `(Localizer, targets, Options) -> (T, U) float scores`, or a (T, n) long
+order of flat unit indices (greedy), registered in `METHODS`; adding one is a function here and
+its name in `memray.config.LOCALIZE_METHODS` (which the CLIs validate without loading torch; a
+test keeps the two equal).
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -47,6 +50,12 @@ from ..sites import SiteModel
 
 class LocalizeError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Options:
+    budget: int = 64  # greedy: units zeroed (at least max(k, |truth|))
+    ig_steps: int = 64  # integrated gradients: trapezoid intervals (>= 16)
 
 
 class Localizer:
@@ -159,9 +168,9 @@ class Localizer:
 
 
 # ----------------------------------------------------------------------------- the methods
-def greedy(loc: Localizer, ids: torch.Tensor, budget: int) -> torch.Tensor:
+def greedy(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
     """(T, budget) flat unit indices in the order greedy zeroes them (candidates only)."""
-    T = len(ids)
+    T, budget = len(ids), opts.budget
     cand = loc.own(torch.as_tensor(ids, device=loc.device)) > 0
     E = torch.ones(T, loc.total, dtype=loc.dtype, device=loc.device)
     steps = min(budget, int(cand.sum(1).min()))
@@ -175,7 +184,7 @@ def greedy(loc: Localizer, ids: torch.Tensor, budget: int) -> torch.Tensor:
     return order
 
 
-def random_scores(loc: Localizer, ids: torch.Tensor) -> torch.Tensor:
+def random_scores(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
     out = torch.empty(len(ids), loc.total, dtype=torch.float64, device=loc.device)
     for i, t in enumerate(torch.as_tensor(ids).tolist()):
         g = torch.Generator().manual_seed(loc.seed * 1_000_003 + t)
@@ -183,12 +192,12 @@ def random_scores(loc: Localizer, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mask_only(loc: Localizer, ids: torch.Tensor) -> torch.Tensor:
+def mask_only(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
     return (loc.base_r == 0).double().mean(0).expand(len(ids), -1).clone()
 
 
 @torch.no_grad()
-def zero_out(loc: Localizer, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def zero_out(loc: Localizer, ids: torch.Tensor, opts: Options = Options(), chunk: int = 256) -> torch.Tensor:
     """Rise of the target's loss minus the mean rise on R when unit u alone is zeroed."""
     xt, yt, bt = loc.targets(ids)
     T, U, R = len(ids), loc.total, loc.ref.numel()
@@ -209,15 +218,16 @@ def zero_out(loc: Localizer, ids: torch.Tensor, chunk: int = 256) -> torch.Tenso
     return out
 
 
-def grad_x_act(loc: Localizer, ids: torch.Tensor) -> torch.Tensor:
+def grad_x_act(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
     """-delta_u = E_u dJ/dE_u at E = 1: the first greedy step's scores (higher = zeroed first)."""
     _, g = loc.j_grad_shared(ids, 1.0)
     return g
 
 
-def integrated_gradients(loc: Localizer, ids: torch.Tensor, steps: int = 64) -> torch.Tensor:
-    """A_u = integral over t in [0, 1] of dJ/dE_u at E = t (trapezoid, `steps` intervals): the
-    attributions sum to J(1) - J(0). Higher = zeroing it lowers J more (first order)."""
+def integrated_gradients(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
+    """A_u = integral over t in [0, 1] of dJ/dE_u at E = t (trapezoid, `opts.ig_steps` intervals):
+    the attributions sum to J(1) - J(0). Higher = zeroing it lowers J more (first order)."""
+    steps = opts.ig_steps
     if steps < 16:
         raise LocalizeError(f"steps={steps} is invalid: at least 16 (the trapezoid rule's error)")
     acc = torch.zeros(len(ids), loc.total, dtype=torch.float64, device=loc.device)
@@ -229,14 +239,14 @@ def integrated_gradients(loc: Localizer, ids: torch.Tensor, steps: int = 64) -> 
 
 def ig_completeness(loc: Localizer, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(|sum of attributions - (J(1) - J(0))|, sum of |attributions|) per target."""
-    a = integrated_gradients(loc, ids, steps)
+    a = integrated_gradients(loc, ids, Options(ig_steps=steps))
     j1, _ = loc.j_grad_shared(ids, 1.0)
     j0, _ = loc.j_grad_shared(ids, 0.0)
     return (a.sum(1) - (j1 - j0).double()).abs(), a.abs().sum(1)
 
 
 @torch.no_grad()
-def activation(loc: Localizer, ids: torch.Tensor) -> torch.Tensor:
+def activation(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
     """z-score of the target's mean activation of u (post-mask, over positions) against R's."""
     xt, _, bt = loc.targets(ids)
     acts: list[torch.Tensor] = []
@@ -258,7 +268,8 @@ def activation(loc: Localizer, ids: torch.Tensor) -> torch.Tensor:
     return (at - ar.mean(0)) / ar.std(0).clamp_min(1e-6)
 
 
-def slimming(loc: Localizer, ids: torch.Tensor, steps: int = 60, lr: float = 0.1, l1: float = 0.01) -> torch.Tensor:
+def slimming(loc: Localizer, ids: torch.Tensor, opts: Options = Options(), steps: int = 60, lr: float = 0.1,
+             l1: float = 0.01) -> torch.Tensor:
     """1 - s for a per-target mask s = sigmoid(w) (initially about 1) trained by Adam to minimise
     J_i(s) + l1 * sum(1 - s): flip the target, keep R, remove few units. Targets are independent
     (their losses are summed), so batching changes nothing."""
@@ -285,12 +296,12 @@ def ranking(loc: Localizer, method: str, ids: torch.Tensor, budget: int, ig_step
     """(T, n) flat unit indices, most responsible first, candidates only (n = the fewest
     candidates of any target; greedy: at most `budget`)."""
     ids = torch.as_tensor(ids, dtype=torch.long, device=loc.device)
-    if method == "greedy":
-        return greedy(loc, ids, budget)
     if method not in METHODS:
         raise LocalizeError(f"method={method!r} is invalid: one of {sorted(METHODS)}")
-    scores = (integrated_gradients(loc, ids, ig_steps) if method == "integrated_gradients"
-              else METHODS[method](loc, ids)).double()
+    out = METHODS[method](loc, ids, Options(budget=budget, ig_steps=ig_steps))
+    if out.dtype == torch.long:  # an order already
+        return out
+    scores = out.double()
     cand = loc.own(ids) > 0
     scores = scores.masked_fill(~cand, -math.inf)
     n = int(cand.sum(1).min())
