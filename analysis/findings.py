@@ -24,7 +24,6 @@ Arithmetic on table rows (numpy, scipy); no torch. Exit codes: 0 written; 1 the 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -40,7 +39,7 @@ from scipy import stats
 
 from memray.summary import units_to_flip
 
-from .store import Store, open_for_cli
+from .store import Store, open_for_cli, store_parser
 
 Rows = list[dict[str, Any]]
 MIN_SEEDS = 3
@@ -259,6 +258,19 @@ def _seed_values(fid: str, cell: Cell, per_seed: Callable[[dict[str, Rows]], flo
 
 
 # ----------------------------------------------------------------------------- the findings
+def _window_rows(t: dict[str, Rows], keep: Callable[[dict], bool]) -> dict[int, Rows] | None:
+    """A trial's gradient rows inside its memorization window, per layer group; None when the
+    window has fewer than 2 epochs."""
+    w = set(memorization_window(t["evals"]))
+    if len(w) < 2:
+        return None
+    by_group: dict[int, Rows] = defaultdict(list)
+    for r in t["gradients"]:
+        if r["epoch"] in w and keep(r):
+            by_group[r["layer_index"]].append(r)
+    return by_group
+
+
 def finding_1a(cell: Cell) -> Verdict:
     """Per seed: over the window, per group, mean log(noisy/clean) - log 0.5 and mean
     log(noisy/control) - log 2; the seed's value is the smallest over groups and both (> 0 agrees)."""
@@ -267,13 +279,7 @@ def finding_1a(cell: Cell) -> Verdict:
         return inconclusive("1a", cell, reason)
 
     def per_seed(t):
-        w = set(memorization_window(t["evals"]))
-        if len(w) < 2:
-            return None
-        by_group = defaultdict(list)
-        for r in t["gradients"]:
-            if r["epoch"] in w and r["noisy_norm"] > 0 and r["clean_norm"] > 0 and r["control_norm"] > 0:
-                by_group[r["layer_index"]].append(r)
+        by_group = _window_rows(t, lambda r: r["noisy_norm"] > 0 and r["clean_norm"] > 0 and r["control_norm"] > 0)
         if not by_group:
             return None
         worst = math.inf
@@ -297,13 +303,7 @@ def finding_1b(cell: Cell) -> Verdict:
         return inconclusive("1b", cell, reason)
 
     def per_seed(t):
-        w = set(memorization_window(t["evals"]))
-        if len(w) < 2:
-            return None
-        by_group = defaultdict(list)
-        for r in t["gradients"]:
-            if r["epoch"] in w:
-                by_group[r["layer_index"]].append(r)
+        by_group = _window_rows(t, lambda r: True)
         if not by_group:
             return None
         worst = -math.inf
@@ -747,13 +747,9 @@ def render(verdicts: list[Verdict], fmt: str) -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis.findings", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default="results", help="local path or URI [results]")
-    p.add_argument("--sweep", action="append", default=None, help="a sweep (repeat for several) [all]")
+def parser():
+    p = store_parser("python -m analysis.findings", __doc__)
     p.add_argument("--format", default="table", help="table, json or csv [table]")
-    p.add_argument("--skip-corrupt", action="store_true", help="leave out unreadable fragments (named)")
     return p
 
 

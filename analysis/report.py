@@ -16,7 +16,6 @@ input (unknown sweep).
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import os
@@ -27,17 +26,12 @@ from memray import plots, tables
 from memray.tables import write_local
 
 from .findings import Cell, Verdict, judge_sweep, load_cells, rewinding_classes, summary_lines
-from .store import Store, open_for_cli
+from .store import Store, open_for_cli, store_parser
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results-dir", default="results", help="local path or URI [results]")
-    p.add_argument("--sweep", action="append", default=None, help="a sweep to include (repeat for several) [all]")
+def parser():
+    p = store_parser("python -m analysis.report", __doc__)
     p.add_argument("--out", default="report", help="output folder [report]")
-    p.add_argument("--skip-corrupt", action="store_true",
-                   help="leave out unreadable fragments (named in the output) instead of failing")
     return p
 
 

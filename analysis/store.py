@@ -94,6 +94,18 @@ def open_store(results: str, skip_corrupt: bool = False, tables: tuple[str, ...]
     return store
 
 
+def store_parser(prog: str, doc: str | None):
+    """An analysis CLI's parser with the flags it takes to read a results store."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default="results", help="local path or URI [results]")
+    p.add_argument("--sweep", action="append", default=None, help="a sweep to include (repeat for several) [all]")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="leave out unreadable fragments (named in the output) instead of failing")
+    return p
+
+
 def open_for_cli(results: str, skip_corrupt: bool) -> Store | None:
     """open_store for a command line: errors and skipped fragments go to stderr; None on error
     (the caller exits 1)."""

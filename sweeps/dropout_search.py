@@ -22,15 +22,8 @@ from memray.config import ANALYSES, ARCHS, DATASETS, NOISE_KINDS, ConfigError, E
 from memray.objectives import OBJECTIVES
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
-from .cli import (
-    UsageError,
-    add_localize_flags,
-    add_runtime_flags,
-    check_resume,
-    check_runtime,
-    localize_overrides,
-    split_list,
-)
+from . import cli
+from .cli import UsageError, split_list
 from .launch import launch
 from .plan import Plan
 
@@ -59,8 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler [0]")
     p.add_argument("--analyses", default="none", help=f"run after training: comma-separated from "
                                                       f"{list(ANALYSES)}, or 'none' [none]")
-    add_localize_flags(p)
-    add_runtime_flags(p)
+    cli.add_localize_flags(p)
+    cli.add_runtime_flags(p)
     return p
 
 
@@ -87,7 +80,7 @@ def build(args) -> tuple[dict, dict, dict]:
     analyses = [] if args.analyses == "none" else split_list("--analyses", args.analyses, str)
     base = {"data": {"dataset": args.dataset, "noise_rate": args.noise, "noise_kind": args.noise_kind}, "model": {"arch": args.arch},
             "dropout": {"kind": "example_tied"}, "optim": {"epochs": args.epochs},
-            "analyses": {"run": analyses, **localize_overrides(args)}, "seed": args.seed}
+            "analyses": {"run": analyses, **cli.localize_overrides(args)}, "seed": args.seed}
     ExperimentConfig.from_dict(base)
     for corner in (0, 1):  # every value in the ranges must be a valid config
         d = {**base, "dropout": {"kind": "example_tied", "p_gen": ranges["p_gen"][corner],
@@ -118,7 +111,7 @@ def main(argv=None) -> int:
     try:
         if args.name is None:
             args.name = f"dropout_search-{args.dataset}-{args.arch}"
-        check_runtime(args)
+        cli.check_runtime(args)
         base, ranges, spec = build(args)
         if args.dry_run:
             from trainables.trial import resources
@@ -129,7 +122,7 @@ def main(argv=None) -> int:
             print(f"  ranges: {spec['ranges']}")
             print(f"  base: {ExperimentConfig.from_dict(base).canonical_json()}")
             return 0
-        run_id = check_resume(args, spec=spec)
+        run_id = cli.check_resume(args, spec=spec)
         prepare(args.dataset, args.data_dir or default_data_dir(), download=args.download)
     except (UsageError, ConfigError, ValueError, DatasetMissing) as e:
         print(f"error: {e}", file=sys.stderr)
