@@ -726,6 +726,37 @@ def _kind_word(v: Verdict) -> str:
     return "etd" if "-etd " in v.cell else ("plain" if "-plain-" in v.cell else "dropout")
 
 
+def html_table(verdicts: list[Verdict]) -> str:
+    """The verdicts as an HTML table, each verdict cell classed agree/differ/inconclusive."""
+    import html
+
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in COLUMNS)
+    body = []
+    for v in verdicts:
+        r = v.row()
+        body.append("<tr>" + "".join(f"<td class='{v.verdict if c == 'verdict' else ''}'>{html.escape(str(r[c]))}</td>"
+                                     for c in COLUMNS) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def html_page(verdicts: list[Verdict], title: str) -> str:
+    """A page a person can open: the summary lines, then the verdict table."""
+    import html
+
+    lines = "".join(f"<li>{html.escape(line)}</li>" for line in summary_lines(verdicts))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse;font-size:85%} "
+            "td,th{border:1px solid #ccc;padding:4px;vertical-align:top} .agree{background:#e6f4e6} "
+            ".differ{background:#fbe3e3} .inconclusive{background:#f4f0dc}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><ul>{lines}</ul>{html_table(verdicts)}</body></html>")
+
+
+def verdict_files(store: Store, sweep: str) -> dict[str, str]:
+    """A sweep's verdict table as files for its MLflow parent run: a page a person can open, and CSV."""
+    verdicts = sweep_verdicts(store, [sweep])
+    return {"verdicts.html": html_page(verdicts, f"Sweep {sweep}: findings"), "verdicts.csv": render(verdicts, "csv")}
+
+
 def render(verdicts: list[Verdict], fmt: str) -> str:
     rows = [{k: v.row()[k] for k in COLUMNS} for v in verdicts]
     if fmt == "json":

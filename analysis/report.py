@@ -25,7 +25,7 @@ from collections import defaultdict
 from memray import plots, tables
 from memray.tables import write_local
 
-from .findings import Cell, Verdict, judge_sweep, load_cells, rewinding_classes, summary_lines
+from .findings import Cell, Verdict, html_table, judge_sweep, load_cells, rewinding_classes, summary_lines
 from .store import Store, open_for_cli, store_parser
 
 
@@ -80,18 +80,6 @@ def cell_figures(store: Store, cell: Cell) -> list[str]:
     return figs
 
 
-def _verdict_table(verdicts: list[Verdict]) -> str:
-    cols = ("id", "finding", "cell", "protocol", "seeds", "n", "verdict", "value", "control", "interval_or_p",
-            "criterion")
-    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
-    body = []
-    for v in verdicts:
-        r = v.row()
-        body.append("<tr>" + "".join(f"<td class='{v.verdict if c == 'verdict' else ''}'>{html.escape(str(r[c]))}</td>"
-                                     for c in cols) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
 def build(store: Store, sweeps: list[str]) -> tuple[str, dict[str, list[Verdict]], int]:
     """(html, {sweep: verdicts}, number of figures)."""
     entries: dict[str, list[Verdict]] = {}
@@ -118,7 +106,7 @@ def build(store: Store, sweeps: list[str]) -> tuple[str, dict[str, list[Verdict]
         sections.append(
             f"<h2>Sweep {html.escape(sweep)} (protocol {', '.join(map(str, protocols)) or '-'})</h2>"
             f"<h3>Summary</h3><ul>{summary}</ul>"
-            f"<h3>Verdicts per cell (seeds pooled)</h3>{_verdict_table(verdicts)}"
+            f"<h3>Verdicts per cell (seeds pooled)</h3>{html_table(verdicts)}"
             f"<h3>Figures per cell</h3>{''.join(figs_html)}"
             f"<h3>Trials</h3><table><tr><th>trial_key</th><th>cell</th><th>seed</th><th>status</th>"
             f"<th>wall s</th><th>error</th></tr>{detail}</table>")

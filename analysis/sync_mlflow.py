@@ -17,8 +17,10 @@ import json
 import sys
 
 from memray.mlflow_view import MlflowView
+from memray.summary import flip_summary, layer_summary, localization_summary
 from memray.tables import default_mlflow_uri
 
+from .findings import verdict_files
 from .store import StoreError, open_store
 
 
@@ -34,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
 
 def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: bool = False) -> dict[str, int]:
     """Log the sweeps' trials to MLflow; returns {sweep: trials synced}."""
-    store = open_store(results, skip_corrupt=skip_corrupt, tables=("trials", "evals"))
+    store = open_store(results, skip_corrupt=skip_corrupt)
     known = [r["sweep"] for r in store.rows("select distinct sweep from trials order by sweep")]
     unknown = [s for s in (sweeps or []) if s not in known]
     if unknown:
@@ -42,8 +44,8 @@ def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: 
     out = {}
     for sweep in sweeps or known:
         view = MlflowView(uri, sweep)
-        trials = store.rows("select trial_key, status, config_json from trials where sweep = ? order by trial_key",
-                            [sweep])
+        trials = store.rows("select trial_key, status, config_json, data_digest from trials where sweep = ? "
+                            "order by trial_key", [sweep])
         for t in trials:
             run_id = view.child(t["trial_key"], json.loads(t["config_json"]))
             evals = store.rows("select epoch, mode, subset, accuracy from evals where sweep = ? and trial_key = ? "
@@ -53,10 +55,17 @@ def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: 
                 by_epoch.setdefault(int(r["epoch"]), {})[f"{r['mode']}/{r['subset']}/accuracy"] = r["accuracy"]
             if by_epoch and t["status"] == "done":
                 last = max(by_epoch)
-                by_epoch[last] = {**by_epoch[last], **{f"final/{k}": v for k, v in by_epoch[last].items()}}
+                tabs = {name: store.rows(f"select * from {name} where sweep = ? and trial_key = ?", [sweep, t["trial_key"]])
+                        for name in ("flips", "localization", "rewinding", "retraining", "gradients")}
+                summary = {**flip_summary(tabs["flips"]), **localization_summary(tabs["localization"]),
+                           **layer_summary(tabs)}
+                by_epoch[last] = {**by_epoch[last], **{f"final/{k}": v for k, v in by_epoch[last].items()},
+                                  **{k: v for k, v in summary.items() if v == v}}
             view.log_metrics(run_id, by_epoch)
+            view.log_dataset(run_id, json.loads(t["config_json"]), t["data_digest"])
             view.log_figures(run_id, results, t["trial_key"])
             view.client.set_terminated(run_id, {"done": "FINISHED", "failed": "FAILED"}.get(t["status"], "KILLED"))
+        view.log_files(view.parent_id, verdict_files(store, sweep))
         view.close("FAILED" if any(t["status"] == "failed" for t in trials) else "FINISHED")
         out[sweep] = len(trials)
     return out

@@ -281,6 +281,18 @@ class ExperimentConfig:
         """Short stable hash of the canonical config: same science, same key."""
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
 
+    @property
+    def run_name(self) -> str:
+        """A name a person can scan (MLflow's run name): dataset, arch (and a non-default width),
+        dropout and its p's, noise rate and kind, seed; e.g. digits-mlp-etd-pg0.2-pm0.1-n0.1-s0,
+        digits-mlp-plain-n0.1placebo-s0. Not unique across recipes: the trial_key is."""
+        d, m, dr = self.data, self.model, self.dropout
+        arch = m.arch + (f"{m.width}" if m.width is not None and m.width != DEFAULT_WIDTH[m.arch] else "")
+        drop = {"none": "plain", "example_tied": f"etd-pg{dr.p_gen:g}-pm{dr.p_mem:g}",
+                "standard": f"dropout-r{dr.standard_rate:.3g}"}[dr.kind]
+        noise = f"n{d.noise_rate:g}" + ("placebo" if d.noise_kind == "placebo" else "")
+        return f"{d.dataset}-{arch}-{drop}-{noise}-s{self.seed}"
+
     def flat(self) -> dict[str, Any]:
         """Flattened `section.field` view (MLflow params, table columns)."""
         out: dict[str, Any] = {}

@@ -55,6 +55,16 @@ class Data:
     def device(self) -> torch.device:
         return self.x_train.device
 
+    def digest(self) -> str:
+        """A short hash of what the trial learns from: its given labels and which are noisy (the
+        MLflow dataset input's digest; the same data config gives the same digest)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (self.y_train, self.noise_mask, self.y_test):
+            h.update(t.cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def clean_ids(self) -> torch.Tensor:
         return torch.nonzero(~self.noise_mask).flatten()
 

@@ -37,7 +37,7 @@ from .probes.flips import flip_rows, select_targets
 from .probes.localize import localization_rows
 from .probes.retraining import retrain_item
 from .probes.rewinding import rewind_item
-from .summary import epoch_metrics, final_metrics, flip_summary, localization_summary
+from .summary import epoch_metrics, final_metrics, flip_summary, layer_summary, localization_summary
 from .tables import TrialStore
 from .train import Diverged, Trainer, example_correctness, load_state, pick_device, predict, save_state
 
@@ -352,7 +352,8 @@ class Trial:
                 self.store.write_figure(name, png)
         self.timed("write", t)
         final = {**self.trainer.final(), **flip_summary(self.tables.get("flips", [])),
-                 **localization_summary(self.tables.get("localization", []))}
+                 **localization_summary(self.tables.get("localization", [])), **layer_summary(self.tables),
+                 "data_digest": self.data.digest()}
         if self.objective is not None:
             final["objective"] = objective_value(self.objective, self.trainer.final())
         final["skipped"] = "; ".join(f"{k}: {v}" for k, v in skipped_analyses(self.cfg, self.data).items())
@@ -364,8 +365,10 @@ def finished_result(store: TrialStore, row: dict[str, Any]) -> dict[str, Any]:
     """The final metrics of a trial that its `trials` row says is done, from its tables (a resumed
     sweep reports these instead of running it again)."""
     evals = store.read("evals")
+    tabs = {t: store.read(t) for t in ("flips", "localization", "rewinding", "retraining", "gradients")}
     return {"epoch": max((r["epoch"] for r in evals), default=0), "wall_s": row["wall_s"],
-            **final_metrics(evals), **flip_summary(store.read("flips"))}
+            "data_digest": row.get("data_digest"), **final_metrics(evals), **flip_summary(tabs["flips"]),
+            **localization_summary(tabs["localization"]), **layer_summary(tabs)}
 
 
 def run_trial(cfg: ExperimentConfig, data: Data | None = None, device=None, data_dir=None,

@@ -1,19 +1,25 @@
 """The MLflow view of the results store (ARCHITECTURE.md, "MLflow").
 
-Experiment = sweep name. One parent run per sweep (tag `memray.role=sweep`), reused by every
-invocation of that sweep; one child run per trial, nested under it (`mlflow.parentRunId`), tagged
-`trial_key`, likewise reused: a run is never duplicated. Params: the flattened trial config.
-Metrics: `<mode>/<subset>/accuracy` with step = epoch, plus `final/...`. Artifacts: the trial's
-figures from the results store, kept in `mlartifacts/` beside a SQLite store's database.
+Experiment = sweep name, tagged so MLflow's UI opens on its training runs. One parent run per
+sweep (tag `memray.role=sweep`, the sweep command and source tags), reused by every invocation of
+that sweep; one child run per trial, nested under it (`mlflow.parentRunId`), named so a person
+can scan it (`ExperimentConfig.run_name`), tagged `trial_key`, likewise reused: a run is never
+duplicated. Params: the flattened trial config (up to MLflow's own length limit). Metrics:
+`<mode>/<subset>/accuracy` with step = epoch, `final/...`, and the analyses' summary numbers.
+Inputs: the trial's dataset (name, digest of its labels and noise mask, noise config). Artifacts:
+the trial's figures from the results store, kept in `mlartifacts/` beside a SQLite store's
+database; on the parent, the sweep's verdict table.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from . import tables
 from .config import ExperimentConfig
@@ -29,23 +35,34 @@ def artifact_root(uri: str) -> str | None:
     return Path(os.path.abspath(os.path.dirname(db) or "."), "mlartifacts").as_uri()
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs
+
+
 class MlflowView:
     MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
 
-    def __init__(self, uri: str, sweep: str):
+    def __init__(self, uri: str, sweep: str, source_tags: dict[str, str] | None = None):
         self.client = MlflowClient(tracking_uri=uri)
         self.sweep = sweep
+        self.source_tags = dict(source_tags or {})  # mlflow.source.*, the sweep command
         exp = self.client.get_experiment_by_name(sweep)
         root = artifact_root(uri)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            sweep, artifact_location=f"{root}/{sweep}" if root else None)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(
+                sweep, artifact_location=f"{root}/{sweep}" if root else None, tags=EXPERIMENT_KIND)
+        else:
+            self.experiment_id = exp.experiment_id
+            for k, v in EXPERIMENT_KIND.items():
+                self.client.set_experiment_tag(self.experiment_id, k, v)
         found = self.client.search_runs([self.experiment_id], "tags.`memray.role` = 'sweep'", max_results=1)
         if found:
             self.parent_id = found[0].info.run_id
             self.client.update_run(self.parent_id, status="RUNNING")  # this invocation runs it again
+            for k, v in self.source_tags.items():
+                self.client.set_tag(self.parent_id, k, v)
         else:
             self.parent_id = self.client.create_run(self.experiment_id, run_name=sweep,
-                                                    tags={"memray.role": "sweep"}).info.run_id
+                                                    tags={"memray.role": "sweep", **self.source_tags}).info.run_id
         self._children: dict[str, str] = {}
 
     def child(self, trial_key: str, exp: dict) -> str:
@@ -55,13 +72,32 @@ class MlflowView:
         if found:
             run_id = found[0].info.run_id
         else:
+            cfg = ExperimentConfig.from_dict(exp)
+            source = {k: v for k, v in self.source_tags.items() if k.startswith("mlflow.source.")}
             run_id = self.client.create_run(
-                self.experiment_id, run_name=trial_key,
-                tags={"trial_key": trial_key, "mlflow.parentRunId": self.parent_id, "memray.role": "trial"}).info.run_id
-            flat = ExperimentConfig.from_dict(exp).flat()
-            self.client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(flat.items())])
+                self.experiment_id, run_name=cfg.run_name,
+                tags={"trial_key": trial_key, "mlflow.parentRunId": self.parent_id, "memray.role": "trial",
+                      **source}).info.run_id
+            self.client.log_batch(run_id, params=[Param(k, str(v)[:MAX_PARAM_VAL_LENGTH])
+                                                  for k, v in sorted(cfg.flat().items())])
         self._children[trial_key] = run_id
         return run_id
+
+    def log_dataset(self, run_id: str, exp: dict, digest: str | None) -> None:
+        """The trial's dataset as an MLflow dataset input: name, digest, noise config."""
+        if not digest:
+            return
+        d = ExperimentConfig.from_dict(exp).data
+        noise = {"noise_rate": d.noise_rate, "noise_kind": d.noise_kind, "data_seed": d.data_seed,
+                 "train_limit": d.train_limit}
+        ds = Dataset(name=d.dataset, digest=digest, source_type="memray",
+                     source=json.dumps({"dataset": d.dataset}), profile=json.dumps(noise))
+        self.client.log_inputs(run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", "training")])])
+
+    def log_files(self, run_id: str, files: dict[str, str]) -> None:
+        """Text artifacts {file name: text} on a run (the parent's verdict table)."""
+        for name, text in files.items():
+            self.client.log_text(run_id, text, name)
 
     def close(self, status: str) -> None:
         """End the sweep's parent run: FINISHED, or FAILED when a trial failed."""

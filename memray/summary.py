@@ -32,6 +32,27 @@ def units_to_flip(rows: Rows, method: str, noisy: bool) -> list[float]:
             if r["method"] == method and r["is_noisy"] == noisy]
 
 
+def layer_summary(tables: dict[str, Rows]) -> dict[str, float]:
+    """The layer-level analyses in a few numbers: per group, train_noisy after rewinding it to
+    epoch 0 and after retraining it on clean data (and whether that converged); the last epoch's
+    aggregate gradient norms of the noisy examples over the clean ones and over the control."""
+    out: dict[str, float] = {}
+    for r in tables.get("rewinding", []):
+        if r["rewind_epoch"] == 0 and r["subset"] == "train_noisy":
+            out[f"rewind/{r['layer_name']}/train_noisy_at_0"] = r["accuracy"]
+    for r in tables.get("retraining", []):
+        if r["subset"] == "train_noisy":
+            out[f"retrain/{r['layer_name']}/train_noisy"] = r["accuracy"]
+            out[f"retrain/{r['layer_name']}/converged"] = float(r["converged"])
+    grads = tables.get("gradients", [])
+    last = max((r["epoch"] for r in grads), default=None)
+    for r in grads:
+        if r["epoch"] == last and r["clean_norm"] and r["control_norm"]:
+            out[f"gradients/{r['layer_name']}/noisy_over_clean"] = r["noisy_norm"] / r["clean_norm"]
+            out[f"gradients/{r['layer_name']}/noisy_over_control"] = r["noisy_norm"] / r["control_norm"]
+    return out
+
+
 def localization_summary(rows: Rows) -> dict[str, float]:
     """Per method and target kind: the median precision@|truth| (ETD trials), the median units to
     flip in rank order (not flipped: infinite; NaN when that is the median), seconds per target.

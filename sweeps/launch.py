@@ -6,6 +6,7 @@ summary names the failures); 130 interrupted (the same command plus --resume con
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import subprocess
@@ -23,9 +24,30 @@ SUMMARY_METRICS = {metric_key(m, s): f"{m}_{s.removeprefix('train_')}" for m, s 
     ("own", "train_noisy"), ("drop", "train_noisy"), ("drop", "test"), ("plain", "train_noisy"), ("plain", "test"))}
 
 
-def git_sha() -> str:
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags for the sweep's parent run: the entry point, the git commit when there
+    is one, and the command as typed."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    entry = spec.name if spec is not None else os.path.basename(sys.argv[0])
+    tags = {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL", "memray.command": " ".join(sys.argv)}
+    sha = git_sha(full=True)
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    return tags
+
+
+def verdict_files(results: str, sweep: str) -> dict[str, str]:
+    """The sweep's verdict table (analysis.findings) as files for its MLflow parent run."""
+    from analysis import findings
+    from analysis.store import open_store
+
+    return findings.verdict_files(open_store(results, skip_corrupt=True), sweep)
+
+
+def git_sha(full: bool = False) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", *([] if full else ["--short"]), "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
     except Exception:
         return ""
@@ -76,7 +98,8 @@ def launch(args, plan: Plan) -> int:
              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
              "analysis_workers": args.analysis_workers, "run_id": run_id, "objective": plan.objective}
     callbacks = [TrialsTable(args.results_dir, args.name),
-                 MlflowLogger(args.mlflow_uri, args.name, args.results_dir),
+                 MlflowLogger(args.mlflow_uri, args.name, args.results_dir, source_tags=source_tags(),
+                              verdicts=functools.partial(verdict_files, args.results_dir, args.name)),
                  JsonLoggerCallback(), CSVLoggerCallback()]
     columns = {"epoch": "ep", **SUMMARY_METRICS}
     if plan.objective is not None:

@@ -33,7 +33,7 @@ def test_mlflow_logger_batches_epochs_and_flushes_before_closing(tmp_path):
     log.view.client.log_batch = counting
 
     cfg = small_cfg(**{"dropout.kind": "example_tied"})
-    trial = SimpleNamespace(config={"exp": cfg.to_dict()})
+    trial = SimpleNamespace(config={"exp": cfg.to_dict()}, last_result={})
     key = cfg.trial_key
 
     def result(epoch, phase="train"):

@@ -35,8 +35,17 @@ def test_cluster_yaml_passes_rays_validator_and_names_real_things():
         if name != raw["head_node_type"]:
             assert nt["resources"]["CPU"] == cpus and gpus >= 1 and nt["max_workers"] >= 1
         assert nt["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
-    for src in raw["file_mounts"].values():
+    for dst, src in raw["file_mounts"].items():
+        if dst == "~/.ray/auth_token":  # Ray's token, generated on the launching machine before `ray up`
+            continue
         assert (ROOT / src).exists(), src
+    # security defaults: Ray's token authentication on every `ray start`, MLflow answering only
+    # requests addressed to the loopback name it is bound to
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH" in c for c in raw["setup_commands"])
+    for k in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in raw[k] if "ray start" in c]
+        assert start and all(c.startswith("source ~/memloc.env;") for c in start), k
     commands = [c for k in ("setup_commands", "head_setup_commands", "worker_setup_commands",
                             "head_start_ray_commands", "worker_start_ray_commands") for c in raw[k]]
     text = "\n".join(commands) + "\n" + (ROOT / "cluster.yaml").read_text()
@@ -46,7 +55,8 @@ def test_cluster_yaml_passes_rays_validator_and_names_real_things():
     for m in modules:
         assert importlib.util.find_spec(m) is not None, m
     assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0" not in text
-    assert re.search(r"mlflow server --host 127\.0\.0\.1", " ".join(commands))
+    assert re.search(r"mlflow server --host 127\.0\.0\.1 --port 5000 --allowed-hosts localhost:5000,127\.0\.0\.1:5000",
+                     " ".join(commands))
     assert sum("MEMLOC_RESULTS=s3://" in c for c in commands) == 1  # the bucket, named once
 
 

@@ -175,12 +175,34 @@ def test_mlflow_server_on_loopback_serves_the_runs(tiny_sweep, tmp_path):
             except OSError:
                 assert time.time() - t0 < 90 and server.poll() is None, "mlflow server did not come up"
                 time.sleep(0.5)
+        # the experiment opens on its training runs in MLflow's UI
+        assert {t["key"]: t["value"] for t in exp.get("tags", [])}["mlflow.experimentKind"] == "custom_model_development"
         runs = call("/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
-        parents = [r["info"]["run_id"] for r, t in zip(runs, tags) if t.get("memray.role") == "sweep"]
-        children = [t for t in tags if t.get("memray.role") == "trial"]
+        parents = [r for r, t in zip(runs, tags) if t.get("memray.role") == "sweep"]
+        children = [r for r, t in zip(runs, tags) if t.get("memray.role") == "trial"]
         assert len(parents) == 1 and len(children) == 2
-        assert all(t["mlflow.parentRunId"] == parents[0] for t in children)
+        parent_id = parents[0]["info"]["run_id"]
+        ptags = {t["key"]: t["value"] for t in parents[0]["data"]["tags"]}
+        assert ptags["mlflow.source.name"] == "sweeps.dropout_grid" and "--preset tiny" in ptags["memray.command"]
+        # readable run names (trial_key stays a tag), the dataset input, the analyses' summary metrics
+        names = sorted(r["info"]["run_name"] for r in children)
+        assert names == ["digits-mlp64-etd-pg0.2-pm0.1-n0.1-s0", "digits-mlp64-plain-n0.1-s0"]
+        for r in children:
+            t = {x["key"]: x["value"] for x in r["data"]["tags"]}
+            assert t["mlflow.parentRunId"] == parent_id and len(t["trial_key"]) == 12
+            (inp,) = r["inputs"]["dataset_inputs"]
+            assert inp["dataset"]["name"] == "digits" and len(inp["dataset"]["digest"]) == 16
+            assert json.loads(inp["dataset"]["profile"]) == {"noise_rate": 0.1, "noise_kind": "label", "data_seed": 0,
+                                                             "train_limit": None}
+            metrics = {m["key"] for m in r["data"]["metrics"]}
+            assert {"flip/greedy/clean/flipped_frac", "rewind/fc1/train_noisy_at_0", "retrain/head/converged",
+                    "localize/zero_out/clean/seconds_per_target"} <= metrics
+        # both trials learn from the same labels and noise: one digest
+        assert len({r["inputs"]["dataset_inputs"][0]["dataset"]["digest"] for r in children}) == 1
+        # the parent holds the sweep's verdict table, a page a person can open
+        files = call(f"/artifacts/list?run_id={parent_id}")["files"]
+        assert sorted(f["path"] for f in files) == ["verdicts.csv", "verdicts.html"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

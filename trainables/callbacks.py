@@ -11,14 +11,15 @@ import queue
 import threading
 import time
 import warnings
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from ray import tune
 
 from memray import tables
 from memray.config import ExperimentConfig, parse_metric_key
 
-ANALYSIS_METRICS = ("flip/", "localize/")  # prefixes of the summary metrics a finished trial reports
+# prefixes of the summary metrics a finished trial reports (memray.summary)
+ANALYSIS_METRICS = ("flip/", "localize/", "rewind/", "retrain/", "gradients/")
 
 
 def trial_row(sweep: str, exp: dict, status: str, attempts: int, result: dict, error: str | None,
@@ -31,7 +32,7 @@ def trial_row(sweep: str, exp: dict, status: str, attempts: int, result: dict, e
             "status": status, "attempts": attempts, "wall_s": result.get("wall_s"),
             "device": result.get("device"), "node_id": result.get("node_id"),
             "config_json": c.canonical_json(), "error": error, "epochs_done": result.get("epoch"),
-            "restored_from": result.get("restored_from"), "run_id": run_id}
+            "restored_from": result.get("restored_from"), "run_id": run_id, "data_digest": result.get("data_digest")}
 
 
 class TrialsTable(tune.Callback):
@@ -86,8 +87,11 @@ class MlflowLogger(tune.Callback):
     live: ClassVar[list["MlflowLogger"]] = []  # every logger in this process (a restored Tuner
     # unpickles its own copy: `drain_all` reaches it too)
 
-    def __init__(self, uri: str, sweep: str, results: str, flush_s: float = 5.0):
+    def __init__(self, uri: str, sweep: str, results: str, flush_s: float = 5.0,
+                 source_tags: dict[str, str] | None = None, verdicts: Callable[[], dict[str, str]] | None = None):
         self.uri, self.sweep, self.results, self.flush_s = uri, sweep, results, flush_s
+        self.source_tags = dict(source_tags or {})  # the parent's source tags and sweep command
+        self.verdicts = verdicts  # files {name: text} for the parent when the sweep ends
         MlflowLogger.live.append(self)
         self.view = None
         self.failed = False
@@ -97,10 +101,12 @@ class MlflowLogger(tune.Callback):
         self.pending: dict[str, tuple[dict, dict[int, dict[str, float]]]] = {}
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment: leave the thread out
-        return {"uri": self.uri, "sweep": self.sweep, "results": self.results, "flush_s": self.flush_s}
+        return {"uri": self.uri, "sweep": self.sweep, "results": self.results, "flush_s": self.flush_s,
+                "source_tags": self.source_tags, "verdicts": self.verdicts}  # a module function's partial
 
     def __setstate__(self, state):
-        self.__init__(state["uri"], state["sweep"], state["results"], state.get("flush_s", 5.0))
+        self.__init__(state["uri"], state["sweep"], state["results"], state.get("flush_s", 5.0),
+                      state.get("source_tags"), state.get("verdicts"))
 
     def _run(self):
         due = None  # when the oldest pending metrics must be written
@@ -155,7 +161,7 @@ class MlflowLogger(tune.Callback):
     def _setup(self):
         from memray.mlflow_view import MlflowView
 
-        self.view = MlflowView(self.uri, self.sweep)
+        self.view = MlflowView(self.uri, self.sweep, self.source_tags)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._submit(self._collect, trial.config["exp"], dict(result))
@@ -184,17 +190,23 @@ class MlflowLogger(tune.Callback):
                 self.view.log_metrics(self.view.child(k, exp), by_step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._submit(self._finish, trial.config["exp"], "FINISHED")
+        self._submit(self._finish, trial.config["exp"], "FINISHED", (trial.last_result or {}).get("data_digest"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._submit(self._finish, trial.config["exp"], "FAILED")
+        self._submit(self._finish, trial.config["exp"], "FAILED", None)
 
     def _close(self, status):
+        if self.verdicts is not None:
+            try:
+                self.view.log_files(self.view.parent_id, self.verdicts())
+            except Exception as e:  # noqa: BLE001 -- a verdict table that cannot be built must not hide the runs
+                warnings.warn(f"the sweep's verdict table was not logged ({type(e).__name__}: {e})", stacklevel=1)
         self.view.close(status)
 
-    def _finish(self, exp, status):
+    def _finish(self, exp, status, digest):
         key = ExperimentConfig.from_dict(exp).trial_key
         self._flush(key)
         run_id = self.view.child(key, exp)
+        self.view.log_dataset(run_id, exp, digest)
         self.view.log_figures(run_id, self.results, key)
         self.view.client.set_terminated(run_id, status)
