@@ -64,6 +64,11 @@ def launch(args, plan: Plan) -> int:
     # logger does not: MLflow is the UI here, and TensorBoard events took about 5 s of the driver's
     # CPU in a default sweep (2 s of it in the result callbacks every per-epoch report waits on).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # MLflow is a view: when its server is unreachable the logger gives up after its first failed
+    # call (the tables stay complete, sync_mlflow catches up), and that call should not retry for
+    # minutes at the sweep's end (MLflow's default: 7 retries with exponential backoff)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback

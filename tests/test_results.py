@@ -248,3 +248,71 @@ def test_report_puts_several_sweeps_side_by_side(tiny_sweep, tmp_path):
     # the forgotten-vs-kept figure is the trial's file under figures/sweep=t1 only
     assert page.count('src="data:image/png;base64,') == 10 + 9
     assert "2 sweep(s), 19 figures" in p.stdout
+
+
+def _runs(uri: str, experiment: str) -> dict:
+    """{run name: (role, trial_key, parent name, params, {metric: [(step, value)]}, dataset digests)}."""
+    code = f"""
+import json
+from mlflow.tracking import MlflowClient
+c = MlflowClient(tracking_uri={uri!r})
+exp = c.get_experiment_by_name({experiment!r})
+runs = c.search_runs([exp.experiment_id], max_results=100)
+names = {{r.info.run_id: r.info.run_name for r in runs}}
+out = {{}}
+for r in runs:
+    hist = {{k: sorted((m.step, m.value) for m in c.get_metric_history(r.info.run_id, k)) for k in r.data.metrics}}
+    out[r.info.run_name] = [r.data.tags.get("memray.role"), r.data.tags.get("trial_key"),
+                            names.get(r.data.tags.get("mlflow.parentRunId")), r.data.params, hist,
+                            sorted(d.dataset.digest for d in r.inputs.dataset_inputs)]
+print(json.dumps(out))
+"""
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_mlflow_db_deleted_after_a_sweep_is_rebuilt_by_sync(tiny_sweep, tmp_path):
+    """The tables are the source of truth: with mlflow.db gone, sync_mlflow rebuilds the same runs
+    (names, params, metric histories, parent/child, dataset inputs)."""
+    results = copy_results(tiny_sweep, tmp_path)
+    uri = f"sqlite:///{results}/mlflow.db"
+    before = _runs(uri, "t1")
+    assert len(before) == 3 and sum(v[0] == "trial" for v in before.values()) == 2
+    os.remove(results / "mlflow.db")
+    shutil.rmtree(results / "mlartifacts")
+    p = run_cli("--results-dir", str(results), module="analysis.sync_mlflow")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _runs(uri, "t1") == before
+
+
+def test_mlflow_unreachable_for_a_whole_sweep_then_sync_catches_up(tmp_path):
+    results, port = tmp_path / "r", _free_port()
+    uri = f"http://127.0.0.1:{port}"  # nothing listens here during the sweep
+    t0 = time.time()
+    p = run_cli("--preset", "tiny", "--results-dir", str(results), "--name", "down", "--mlflow-uri", uri)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert time.time() - t0 < 180
+    assert q(results, "trials", "select count(*) from t where status = 'done'") == [(2,)]
+    for table in ("evals", "gradients", "rewinding", "retraining", "flips", "localization", "etd_examples"):
+        assert q(results, table) != [(0,)], table
+    # MLflow comes back: a server on that port, and sync_mlflow logs the sweep there
+    server = subprocess.Popen([os.path.join(os.path.dirname(PY), "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        p = run_cli("--results-dir", str(results), "--mlflow-uri", uri, module="analysis.sync_mlflow")
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs = _runs(uri, "down")
+        assert sorted(runs) == ["digits-mlp64-etd-pg0.2-pm0.1-n0.1-s0", "digits-mlp64-plain-n0.1-s0", "down"]
+        assert all(v[2] == "down" for k, v in runs.items() if k != "down")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
