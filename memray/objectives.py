@@ -10,21 +10,26 @@ import math
 OWN_NOISY_FLOOR = 0.9  # the constraint: ETD must still memorize (own-mode train_noisy >= 0.9)
 
 OBJECTIVES: dict[str, str] = {
-    "localization": "drop/test - drop/train_noisy, minus the shortfall of own/train_noisy below 0.9",
+    "etd_tradeoff": "drop/test - drop/train_noisy, minus the shortfall of own/train_noisy below 0.9",
     "drop_test": "drop/test",
     "forgetting": "own/train_noisy - drop/train_noisy",
 }
 
 
+ALIASES = {"localization": "etd_tradeoff"}  # old names still accepted
+
+
 def objective(name: str, metrics: dict[str, float]) -> float:
     """The objective `name` (one of OBJECTIVES) from one epoch's metrics; NaN when they are missing.
 
-    `localization` (the default) is drop-mode test accuracy minus drop-mode train_noisy accuracy,
+    `etd_tradeoff` (the default; `localization`, its name before the localization table existed,
+    is an alias) is drop-mode test accuracy minus drop-mode train_noisy accuracy,
     subject to own-mode train_noisy >= 0.9. The constraint is a penalty equal to the shortfall,
     max(0, 0.9 - own/train_noisy): zero once the constraint holds (so the objective is exactly
     the unconstrained one there), and graded before, so early epochs of a trial that is on its way
     to memorizing rank above one that is not -- which is what an early-stopping scheduler needs.
     """
+    name = ALIASES.get(name, name)
     if name not in OBJECTIVES:
         raise ValueError(f"objective={name!r} is invalid: one of {sorted(OBJECTIVES)}")
 

@@ -9,17 +9,18 @@ Results land in the same tables and MLflow layout as dropout_grid; `--resume` co
     python -m sweeps.dropout_search --dataset mnist1d --num-samples 32 --objective drop_test
     python -m sweeps.dropout_search --p-mem 0.05,0.3 --lr 0.01,0.1 --width 256,1024
 
-Objectives (memray.objectives): `localization` (default) = drop-mode test accuracy minus
+Objectives (memray.objectives): `etd_tradeoff` (default; `localization` is an alias) = drop-mode test accuracy minus
 drop-mode train_noisy accuracy, subject to own-mode train_noisy >= 0.9 (a graded penalty, the
 shortfall below 0.9); `drop_test`; `forgetting` = own train_noisy - drop train_noisy.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from memray.config import ANALYSES, ARCHS, DATASETS, NOISE_KINDS, ConfigError, ExperimentConfig
-from memray.objectives import OBJECTIVES
+from memray.objectives import ALIASES, OBJECTIVES
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
 from . import cli
@@ -42,7 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="training seed of every trial [0]")
     p.add_argument("--epochs", type=int, default=30, help="epochs of a trial that is not stopped [30]")
     p.add_argument("--num-samples", type=int, default=16, help="trials in the study [16]")
-    p.add_argument("--objective", default="localization", help=f"one of {sorted(OBJECTIVES)} [localization]")
+    p.add_argument("--objective", default="etd_tradeoff", help=f"one of {sorted(OBJECTIVES)} [etd_tradeoff]")
+    p.add_argument("--storage", default=None, help="the Optuna study's database URL "
+                                                   "[sqlite:///<results-dir>/optuna.db; required for a URI results dir]")
     for name, (default, scale) in RANGES.items():
         p.add_argument(f"--{name.replace('_', '-')}", default=default, help=f"LOW,HIGH ({scale}) [{default}]")
     p.add_argument("--grace-period", type=int, default=None, help="epochs before ASHA may stop a trial "
@@ -70,6 +73,7 @@ def build(args) -> tuple[dict, dict, dict]:
                         ("--reduction-factor", args.reduction_factor, 2), ("--max-concurrent", args.max_concurrent, 1)):
         if v < lo:
             raise UsageError(f"{flag}={v} is invalid: an integer >= {lo}")
+    args.objective = ALIASES.get(args.objective, args.objective)
     if args.objective not in OBJECTIVES:
         raise UsageError(f"--objective={args.objective!r} is invalid: one of {sorted(OBJECTIVES)}")
     grace = args.grace_period if args.grace_period is not None else max(1, args.epochs // 6)
@@ -90,7 +94,7 @@ def build(args) -> tuple[dict, dict, dict]:
         ExperimentConfig.from_dict(d)
     spec = {"base": base, "ranges": {k: list(v) for k, v in ranges.items()}, "num_samples": args.num_samples,
             "objective": args.objective, "grace_period": grace, "reduction_factor": args.reduction_factor,
-            "max_concurrent": args.max_concurrent, "search_seed": args.search_seed}
+            "max_concurrent": args.max_concurrent, "search_seed": args.search_seed, "storage": args.storage}
     return base, ranges, spec
 
 
@@ -106,12 +110,24 @@ def search_space(base: dict, ranges: dict) -> dict:
             "model": {**base["model"], "width": tune.lograndint(ranges["width"][0], ranges["width"][1] + 1)}}
 
 
+def study_storage(args) -> str:
+    """The Optuna study's database: --storage, else `sqlite:///<results-dir>/optuna.db` for a local
+    results dir (`optuna-dashboard` opens it); a URI results dir needs --storage."""
+    if args.storage is not None:
+        return args.storage
+    if "://" in args.results_dir:
+        raise UsageError(f"--storage is required with --results-dir={args.results_dir!r}: the Optuna study needs "
+                         f"a database, e.g. --storage postgresql://user@host/optuna or sqlite:///optuna.db")
+    return f"sqlite:///{args.results_dir}/optuna.db"
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.name is None:
             args.name = f"dropout_search-{args.dataset}-{args.arch}"
         cli.check_runtime(args)
+        args.storage = study_storage(args)
         base, ranges, spec = build(args)
         if args.dry_run:
             from trainables.trial import resources
@@ -134,7 +150,16 @@ def main(argv=None) -> int:
 
     sampler = optuna.samplers.TPESampler(seed=args.search_seed,
                                          n_startup_trials=min(10, max(2, args.num_samples // 3)))
-    searcher = ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=args.max_concurrent)
+    if "://" not in args.results_dir:
+        os.makedirs(args.results_dir, exist_ok=True)  # the default study database lives there
+    if run_id is None:  # a fresh run of this sweep name starts its study afresh: one trial per Tune trial
+        try:
+            optuna.delete_study(study_name=args.name, storage=args.storage)
+        except KeyError:
+            pass
+    storage = optuna.storages.RDBStorage(args.storage)
+    searcher = ConcurrencyLimiter(OptunaSearch(sampler=sampler, study_name=args.name, storage=storage),
+                                  max_concurrent=args.max_concurrent)
     # max_t one past the last epoch: a trial that trains to the end still reports and runs its analyses
     scheduler = ASHAScheduler(time_attr="epoch", max_t=args.epochs + 1, grace_period=spec["grace_period"],
                               reduction_factor=args.reduction_factor)

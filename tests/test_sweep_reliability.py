@@ -239,3 +239,10 @@ print(json.dumps({{"sweep": roles.count("sweep"), "trial": roles.count("trial"),
 """
     got = json.loads(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     assert got == {"sweep": 1, "trial": 6, "objective": True}
+    # the Optuna study is stored beside the tables: every Tune trial once, none left RUNNING
+    import optuna
+
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{results}/optuna.db")
+    states = sorted(t.state.name for t in study.trials)
+    assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED", "FAIL"}, states
+    assert sorted(tr.params["exp/dropout/p_gen"] for tr in study.trials) == sorted(pg for _, _, pg, *_ in t)

@@ -245,3 +245,13 @@ def test_bad_localize_flags_exit_2_naming_the_value(tmp_path, module):
         c = build_configs(parser().parse_args(["--preset", "default", "--localize-methods", "zero_out,random",
                                                "--localize-k", "4"]))[0]
         assert c.analyses.localize_methods == ("zero_out", "random") and c.analyses.localize_k == (4,)
+
+
+def test_search_storage_and_objective_alias(tmp_path):
+    p = run_cli("--results-dir", "s3://bucket/memloc", module="sweeps.dropout_search")
+    assert p.returncode == 2 and "--storage is required with --results-dir='s3://bucket/memloc'" in p.stderr
+    # `localization` (the objective's old name) is an alias of etd_tradeoff
+    p = run_cli("--objective", "localization", "--dry-run", "--results-dir", str(tmp_path / "r"),
+                module="sweeps.dropout_search")
+    assert p.returncode == 0 and "objective etd_tradeoff" in p.stdout
+    assert not (tmp_path / "r").exists()
