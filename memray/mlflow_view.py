@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
@@ -35,6 +36,43 @@ def artifact_root(uri: str) -> str | None:
     return Path(os.path.abspath(os.path.dirname(db) or "."), "mlartifacts").as_uri()
 
 
+class LockedClient:
+    """An MlflowClient for a SQLite store: every call holds a file lock beside the database and
+    retries "database is locked" (another process reading or writing it), so sweeps started at the
+    same time on one store serialise its creation and their writes (ARCHITECTURE.md, MLflow)."""
+
+    RETRIES = 6
+
+    def __init__(self, client: MlflowClient, lock_path: str):
+        from filelock import FileLock
+
+        self._client, self._lock = client, FileLock(lock_path)
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._client, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            for attempt in range(self.RETRIES):
+                try:
+                    with self._lock:
+                        return fn(*args, **kwargs)
+                except Exception as e:  # sqlalchemy's OperationalError arrives wrapped by MLflow
+                    if "database is locked" not in str(e) or attempt == self.RETRIES - 1:
+                        raise
+                    time.sleep(0.1 * 2 ** attempt)
+        return call
+
+
+def tracking_client(uri: str) -> MlflowClient | LockedClient:
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = os.path.abspath(uri[len("sqlite:///"):])
+    os.makedirs(os.path.dirname(db), exist_ok=True)
+    return LockedClient(MlflowClient(tracking_uri=uri), f"{db}.lock")
+
+
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs
 
 
@@ -42,7 +80,7 @@ class MlflowView:
     MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch
 
     def __init__(self, uri: str, sweep: str, source_tags: dict[str, str] | None = None):
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = tracking_client(uri)
         self.sweep = sweep
         self.source_tags = dict(source_tags or {})  # mlflow.source.*, the sweep command
         exp = self.client.get_experiment_by_name(sweep)

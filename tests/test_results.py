@@ -316,3 +316,28 @@ def test_mlflow_unreachable_for_a_whole_sweep_then_sync_catches_up(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_two_sweeps_started_together_on_one_results_dir_and_a_new_mlflow_store(tmp_path):
+    """Two sweeps with different names, started at the same moment on one results dir and one
+    SQLite MLflow store that does not exist yet (its creation races): both finish, and neither
+    loses or mixes a row or a run."""
+    results = tmp_path / "r"
+    procs = [subprocess.Popen([PY, "-m", "sweeps.dropout_grid", "--preset", "tiny", "--analyses", "gradients",
+                               "--results-dir", str(results), "--name", name, *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, extra in (("a", []), ("b", ["--seeds", "1"]))]
+    for p in procs:
+        out, err = p.communicate(timeout=400)
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    assert q(results, "trials", "select sweep, count(*), count(distinct trial_key) from t group by all order by all") \
+        == [("a", 2, 2), ("b", 2, 2)]
+    assert q(results, "evals", "select sweep, count(*) from t group by all order by all") == [("a", 45), ("b", 45)]
+    uri = f"sqlite:///{results}/mlflow.db"
+    for name, seed in (("a", 0), ("b", 1)):
+        runs = _runs(uri, name)
+        trials = {k: v for k, v in runs.items() if v[0] == "trial"}
+        assert sorted(runs) == sorted([name, *trials]) and len(trials) == 2
+        assert all(v[2] == name and k.endswith(f"-s{seed}") for k, v in trials.items())
+        assert all(len(h) == 3 for v in trials.values() for m, h in v[4].items() if m.endswith("test/accuracy")
+                   and not m.startswith("final/"))
