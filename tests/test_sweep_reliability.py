@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,53 @@ def test_sigkill_of_a_trial_worker_resumes_from_its_checkpoint(tmp_path):
         [(40 * 4 + 40 * 11,) * 2]
     # the interrupted trial ends with the same final metrics as an uninterrupted run
     key = t[1][0]
+    got = {(m, s): (a, lo) for m, s, a, lo in rows(
+        results, "evals", f"select mode, subset, accuracy, loss from t where trial_key = '{key}' and epoch = 40")}
+    want = reference_final(config_json)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k][0] == want[k][0], k
+        assert got[k][1] == pytest.approx(want[k][1], rel=1e-6), k
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied"])
+def test_a_damaged_newest_checkpoint_restarts_the_retry_from_an_older_one(tmp_path, damage):
+    """A trial's worker is stopped, its newest checkpoint's state file truncated (or the folder
+    emptied), then the worker is killed: Tune retries from that checkpoint, the trainable falls
+    back to an older one (or to scratch), and the trial ends with the numbers of an uninterrupted
+    run. (A checkpoint folder deleted outright is refused by Tune 2.60 itself before the trainable
+    runs: "Could not recover from checkpoint as it does not exist on storage anymore".)"""
+    results = tmp_path / "r"
+    proc = start("sweeps.dropout_grid", "--preset", "tiny", "--epochs", "40", "--widths", "256",
+                 "--analyses", "none", "--results-dir", str(results), "--name", "k")
+    wait_for(lambda: all_trials_checkpointed(results, "k", 2, at_least=3), proc, what="checkpoints")
+    victim = processes("ray::ImplicitFunc")[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        # the victim's trial folder: its results carry the worker's pid
+        folder = next(d for d in glob.glob(f"{results}/ray/k/train_trial_*")
+                      if any(json.loads(line).get("pid") == victim
+                             for line in open(f"{d}/result.json").read().splitlines() if line.strip()))
+        newest = max(glob.glob(f"{folder}/checkpoint_*"))
+        if damage == "emptied":
+            shutil.rmtree(newest)
+            os.mkdir(newest)
+        else:
+            state = f"{newest}/state.pt"
+            with open(state, "r+b") as f:
+                f.truncate(os.path.getsize(state) // 2)
+    finally:
+        os.kill(victim, signal.SIGKILL)
+    rc, out, err = finish(proc)
+    assert rc == 0, out[-2000:] + err[-3000:]
+    t = rows(results, "trials", "select trial_key, status, attempts, restored_from, epochs_done, config_json "
+                                "from t order by attempts")
+    assert [(s, a) for _, s, a, *_ in t] == [("done", 1), ("done", 2)]
+    key, _, _, restored_from, epochs_done, config_json = t[1]
+    damaged_epoch = int(newest.rsplit("_", 1)[1]) + 1  # checkpoint_00000i holds epoch i + 1
+    assert 0 <= restored_from < damaged_epoch and epochs_done == 40
+    assert rows(results, "evals", "select count(*), count(distinct (trial_key, epoch, mode, subset)) from t") == \
+        [(40 * 4 + 40 * 11,) * 2]
     got = {(m, s): (a, lo) for m, s, a, lo in rows(
         results, "evals", f"select mode, subset, accuracy, loss from t where trial_key = '{key}' and epoch = 40")}
     want = reference_final(config_json)

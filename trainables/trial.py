@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray import tune
 
 from memray.config import ExperimentConfig
@@ -31,6 +33,26 @@ from memray.tables import TrialStore
 from .resources import resources, threads
 
 __all__ = ["resources", "train_trial"]
+
+
+def restore_newest_readable(trial, checkpoint: tune.Checkpoint | None) -> None:
+    """Restore from Tune's checkpoint; if it is gone or unreadable (deleted, truncated), from the
+    newest older one the trial kept beside it; if none can be read, the trial starts from scratch.
+    Either way it ends with the same numbers (deterministic resume)."""
+    if checkpoint is None:
+        return
+    fs, parent = checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    older = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+                    if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                    and i.path.rstrip("/") != checkpoint.path.rstrip("/")), reverse=True)
+    for candidate in [checkpoint, *(tune.Checkpoint(p, filesystem=fs) for p in older)]:
+        try:
+            with candidate.as_directory() as d:
+                trial.restore(Path(d) / "state.pt")
+            return
+        except Exception as e:  # noqa: BLE001 -- a damaged checkpoint: try the one before it
+            warnings.warn(f"checkpoint {candidate.path} is unreadable ({type(e).__name__}: {e}); "
+                          f"trying an older one", stacklevel=1)
 
 
 def train_trial(config: dict[str, Any]) -> None:
@@ -59,10 +81,7 @@ def train_trial(config: dict[str, Any]) -> None:
     executor = analysis_executor(exp, int(config["analysis_workers"]), cpus, gpus, config.get("data_dir"))
     trial = Trial(exp, store, device=device, data_dir=config.get("data_dir"), objective=config.get("objective"))
 
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trial.restore(Path(d) / "state.pt")
+    restore_newest_readable(trial, tune.get_checkpoint())
     base = {"trial_key": exp.trial_key, "node_id": node_id, "device": device, "restored_from": trial.restored_from}
     for metrics in trial.epochs():
         t = time.perf_counter()
