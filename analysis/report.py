@@ -80,6 +80,23 @@ def cell_figures(store: Store, cell: Cell) -> list[str]:
     return figs
 
 
+def search_pareto(store: Store, sweep: str) -> str:
+    """A search sweep's trials by final drop train_noisy and drop test, its Pareto front ('' for a grid)."""
+    if not store.rows("select 1 from sweeps where sweep = ? and preset = 'search'", [sweep]):
+        return ""
+    rows = store.rows("select e.trial_key, e.subset, e.accuracy from evals e join (select trial_key, max(epoch) m "
+                      "from evals where sweep = ? group by trial_key) l on e.trial_key = l.trial_key and "
+                      "e.epoch = l.m where e.sweep = ? and e.mode = 'drop'", [sweep, sweep])
+    final: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        final[r["trial_key"]][r["subset"]] = r["accuracy"]
+    keys = sorted(k for k, v in final.items() if "train_noisy" in v and "test" in v)
+    if not keys:
+        return ""
+    points = [(final[k]["train_noisy"], final[k]["test"]) for k in keys]
+    return _img(plots.png(plots.pareto_figure(points, keys, f"{sweep}: drop test vs drop train_noisy")), "pareto")
+
+
 def build(store: Store, sweeps: list[str]) -> tuple[str, dict[str, list[Verdict]], int]:
     """(html, {sweep: verdicts}, number of figures)."""
     entries: dict[str, list[Verdict]] = {}
@@ -98,6 +115,10 @@ def build(store: Store, sweeps: list[str]) -> tuple[str, dict[str, list[Verdict]
             n_fig += len(figs)
             figs_html.append(f"<h3>{html.escape(cell.name)} (seeds {sorted(cell.seeds)})</h3>"
                              f"<div class='figs'>{''.join(figs)}</div>")
+        pareto = search_pareto(store, sweep)
+        if pareto:
+            figs_html.insert(0, f"<h3>Search: Pareto front</h3><div class='figs'>{pareto}</div>")
+            n_fig += 1
         name_of = {k: c.name for c in cells for k in c.keys.values()}
         detail = "".join(
             f"<tr><td>{html.escape(t['trial_key'])}</td><td>{html.escape(name_of.get(t['trial_key'], '-'))}</td>"

@@ -32,7 +32,7 @@ from .config import ExperimentConfig
 from .data import Data, load_data
 from .dropout import ExampleTiedDropout
 from .models import build_model
-from .objectives import objective as objective_value
+from .objectives import objective_metrics
 from .probes.flips import flip_rows, select_targets
 from .probes.localize import localization_rows
 from .probes.retraining import retrain_item
@@ -277,7 +277,7 @@ class Trial:
             self._store_snapshots()
             metrics = epoch_metrics(out["evals"])
             if self.objective is not None:
-                metrics["objective"] = objective_value(self.objective, metrics)
+                metrics.update(objective_metrics(self.objective, metrics))
                 self._write("evals", tr.history)
             self.timed("train", t)
             if self.objective is not None and tr.epoch == last:
@@ -355,7 +355,7 @@ class Trial:
                  **localization_summary(self.tables.get("localization", [])), **layer_summary(self.tables),
                  "data_digest": self.data.digest()}
         if self.objective is not None:
-            final["objective"] = objective_value(self.objective, self.trainer.final())
+            final.update(objective_metrics(self.objective, self.trainer.final()))
         final["skipped"] = "; ".join(f"{k}: {v}" for k, v in skipped_analyses(self.cfg, self.data).items())
         final.update({f"time/{k}": round(v, 3) for k, v in self.timings.items()})
         return final

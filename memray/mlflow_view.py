@@ -68,9 +68,14 @@ class LockedClient:
 def tracking_client(uri: str) -> MlflowClient | LockedClient:
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock
+
     db = os.path.abspath(uri[len("sqlite:///"):])
     os.makedirs(os.path.dirname(db), exist_ok=True)
-    return LockedClient(MlflowClient(tracking_uri=uri), f"{db}.lock")
+    with FileLock(f"{db}.lock"):  # a new store's tables are created here: one process at a time
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    return LockedClient(client, f"{db}.lock")
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs

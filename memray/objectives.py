@@ -12,8 +12,20 @@ OWN_NOISY_FLOOR = 0.9  # the constraint: ETD must still memorize (own-mode train
 OBJECTIVES: dict[str, str] = {
     "etd_tradeoff": "drop/test - drop/train_noisy, minus the shortfall of own/train_noisy below 0.9",
     "drop_test": "drop/test",
+    "drop_noisy": "drop/train_noisy",
     "forgetting": "own/train_noisy - drop/train_noisy",
+    "pareto": "two objectives: drop/test (up) and drop/train_noisy (down), a Pareto front (NSGA-II)",
 }
+# multi-objective searches: name -> (objective, direction) pairs, reported as objective/<name>
+MULTI: dict[str, tuple[tuple[str, str], ...]] = {"pareto": (("drop_test", "max"), ("drop_noisy", "min"))}
+
+
+def objective_metrics(name: str, metrics: dict[str, float]) -> dict[str, float]:
+    """What a search trial reports each epoch: {"objective": v}, or {"objective/<name>": v} for
+    each objective of a multi-objective search."""
+    if name in MULTI:
+        return {f"objective/{n}": objective(n, metrics) for n, _ in MULTI[name]}
+    return {"objective": objective(name, metrics)}
 
 
 ALIASES = {"localization": "etd_tradeoff"}  # old names still accepted
@@ -38,6 +50,10 @@ def objective(name: str, metrics: dict[str, float]) -> float:
 
     if name == "drop_test":
         return m("drop/test")
+    if name == "drop_noisy":
+        return m("drop/train_noisy")
+    if name in MULTI:
+        raise ValueError(f"objective={name!r} has several values: use objective_metrics")
     if name == "forgetting":
         return m("own/train_noisy") - m("drop/train_noisy")
     own = m("own/train_noisy")

@@ -320,6 +320,28 @@ def etd_curves_figure(rows: Rows, title: str = "") -> plt.Figure:
     return fig
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated (drop train_noisy down, drop test up) points."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for x2, y2 in points)]
+
+
+def pareto_figure(points: list[tuple[float, float]], labels: list[str], title: str = "") -> plt.Figure:
+    """A search's trials by final drop-mode train_noisy (x, lower is better) and drop-mode test
+    accuracy (y, higher is better), the Pareto front joined."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    front = sorted(pareto_front(points), key=lambda i: points[i][0])
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:gray", label="trials")
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", color="tab:red", label="Pareto front")
+    for i in front:
+        ax.annotate(labels[i], points[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="drop train_noisy accuracy (final, lower is better)",
+           ylabel="drop test accuracy (final, higher is better)", title=title or "Search: Pareto front")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

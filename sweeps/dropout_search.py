@@ -9,6 +9,9 @@ Results land in the same tables and MLflow layout as dropout_grid; `--resume` co
     python -m sweeps.dropout_search --dataset mnist1d --num-samples 32 --objective drop_test
     python -m sweeps.dropout_search --p-mem 0.05,0.3 --lr 0.01,0.1 --width 256,1024
 
+`--objective pareto` searches two objectives at once (drop-mode test accuracy up, drop-mode
+train_noisy down) with NSGA-II and no early stopping; the report plots its Pareto front.
+
 Objectives (memray.objectives): `etd_tradeoff` (default; `localization` is an alias) = drop-mode test accuracy minus
 drop-mode train_noisy accuracy, subject to own-mode train_noisy >= 0.9 (a graded penalty, the
 shortfall below 0.9); `drop_test`; `forgetting` = own train_noisy - drop train_noisy.
@@ -20,7 +23,7 @@ import os
 import sys
 
 from memray.config import ANALYSES, ARCHS, DATASETS, NOISE_KINDS, ConfigError, ExperimentConfig
-from memray.objectives import ALIASES, OBJECTIVES
+from memray.objectives import ALIASES, MULTI, OBJECTIVES
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
 from . import cli
@@ -148,8 +151,12 @@ def main(argv=None) -> int:
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    sampler = optuna.samplers.TPESampler(seed=args.search_seed,
-                                         n_startup_trials=min(10, max(2, args.num_samples // 3)))
+    multi = MULTI.get(args.objective)
+    if multi:  # several objectives: NSGA-II and its Pareto front; no early stopping (ASHA ranks one metric)
+        sampler = optuna.samplers.NSGAIISampler(seed=args.search_seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=args.search_seed,
+                                             n_startup_trials=min(10, max(2, args.num_samples // 3)))
     if "://" not in args.results_dir:
         os.makedirs(args.results_dir, exist_ok=True)  # the default study database lives there
     if run_id is None:  # a fresh run of this sweep name starts its study afresh: one trial per Tune trial
@@ -158,11 +165,13 @@ def main(argv=None) -> int:
         except KeyError:
             pass
     storage = optuna.storages.RDBStorage(args.storage)
-    searcher = ConcurrencyLimiter(OptunaSearch(sampler=sampler, study_name=args.name, storage=storage),
+    kw = {"metric": [f"objective/{n}" for n, _ in multi], "mode": [d for _, d in multi]} if multi else {}
+    searcher = ConcurrencyLimiter(OptunaSearch(sampler=sampler, study_name=args.name, storage=storage, **kw),
                                   max_concurrent=args.max_concurrent)
     # max_t one past the last epoch: a trial that trains to the end still reports and runs its analyses
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=args.epochs + 1, grace_period=spec["grace_period"],
-                              reduction_factor=args.reduction_factor)
+    scheduler = None if multi else ASHAScheduler(time_attr="epoch", max_t=args.epochs + 1,
+                                                 grace_period=spec["grace_period"],
+                                                 reduction_factor=args.reduction_factor)
     return launch(args, Plan("search", exp_space=search_space(base, ranges), num_samples=args.num_samples,
                              search_alg=searcher, scheduler=scheduler, objective=args.objective, spec=spec,
                              resume_run_id=run_id))

@@ -16,6 +16,8 @@ import uuid
 from memray import tables
 from memray.config import PROTOCOL, ExperimentConfig, metric_key
 
+from memray.objectives import MULTI
+
 from .cli import grid_file
 from .plan import Plan
 
@@ -82,6 +84,7 @@ def launch(args, plan: Plan) -> int:
     if "://" not in args.results_dir:
         os.makedirs(storage, exist_ok=True)
     configs = plan.configs
+    single = plan.objective is not None and plan.objective not in MULTI
     run_id = plan.resume_run_id or uuid.uuid4().hex[:12]
     n_trials = plan.n_trials
     tables.write_bytes(args.results_dir, grid_file(args.name), json.dumps(
@@ -107,7 +110,9 @@ def launch(args, plan: Plan) -> int:
                               verdicts=functools.partial(verdict_files, args.results_dir, args.name)),
                  JsonLoggerCallback(), CSVLoggerCallback()]
     columns = {"epoch": "ep", **SUMMARY_METRICS}
-    if plan.objective is not None:
+    if plan.objective in MULTI:
+        columns.update({f"objective/{n}": n for n, _ in MULTI[plan.objective]})
+    elif plan.objective is not None:
         columns["objective"] = "objective"
     params = ({"exp/data/dataset": "dataset", "exp/model/arch": "arch", "exp/dropout/kind": "dropout",
                "exp/dropout/p_mem": "p_mem"} if configs is not None else
@@ -130,8 +135,9 @@ def launch(args, plan: Plan) -> int:
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
                            tune_config=tune.TuneConfig(scheduler=plan.scheduler, search_alg=plan.search_alg,
                                                        num_samples=plan.num_samples,
-                                                       metric="objective" if plan.objective else None,
-                                                       mode="max" if plan.objective else None,
+                                                       # a multi-objective searcher holds its metrics
+                                                       metric="objective" if single else None,
+                                                       mode="max" if single else None,
                                                        reuse_actors=True))
     grid = tuner.fit()
     # also after an interruption, when Tune may skip on_experiment_end; a restored Tuner runs its

@@ -73,3 +73,11 @@ def test_report_figures_are_labelled():
         fig = plots.examples_figure({"forgotten": (x, ["a"] * len(x)), "kept": (x[:1], ["b"])})
         assert fig.axes[0].get_ylabel() == "forgotten" and fig.axes[len(x)].get_ylabel() == "kept"
         assert plots.png(fig)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pareto_front_keeps_the_non_dominated_points():
+    # (drop train_noisy: lower is better, drop test: higher is better)
+    points = [(0.1, 0.9), (0.2, 0.95), (0.05, 0.8), (0.2, 0.85), (0.1, 0.9)]
+    assert plots.pareto_front(points) == [0, 1, 2, 4]  # (0.2, 0.85) is dominated; ties both kept
+    fig = plots.pareto_figure(points, list("abcde"))
+    assert fig.axes[0].get_xlabel().startswith("drop train_noisy")

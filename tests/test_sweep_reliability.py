@@ -294,3 +294,24 @@ print(json.dumps({{"sweep": roles.count("sweep"), "trial": roles.count("trial"),
     states = sorted(t.state.name for t in study.trials)
     assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED", "FAIL"}, states
     assert sorted(tr.params["exp/dropout/p_gen"] for tr in study.trials) == sorted(pg for _, _, pg, *_ in t)
+
+
+def test_multi_objective_search_finishes_and_reports_its_front(tmp_path):
+    """--objective pareto: NSGA-II over drop test (up) and drop train_noisy (down), no early
+    stopping; the study holds both values of every trial and the report plots the front."""
+    results = tmp_path / "r"
+    rc, out, err = finish(start("sweeps.dropout_search", "--objective", "pareto", "--num-samples", "3", "--epochs",
+                                "3", "--width", "32,64", "--results-dir", str(results), "--name", "mo"))
+    assert rc == 0, out[-2000:] + err[-3000:]
+    assert rows(results, "trials", "select count(*) from t where status = 'done' and epochs_done = 3") == [(3,)]
+    import optuna
+
+    study = optuna.load_study(study_name="mo", storage=f"sqlite:///{results}/optuna.db")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 and all(len(t.values) == 2 for t in study.trials)
+    assert 1 <= len(study.best_trials) <= 3
+    p = subprocess.run([PY, "-m", "analysis.report", "--results-dir", str(results), "--out", str(tmp_path / "rep")],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "<h3>Search: Pareto front</h3>" in page and 'alt="pareto"' in page

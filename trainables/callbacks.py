@@ -168,13 +168,14 @@ class MlflowLogger(tune.Callback):
 
     def _collect(self, exp, result):
         key = result.get("trial_key") or ExperimentConfig.from_dict(exp).trial_key
-        accs = {k: v for k, v in result.items() if (parse_metric_key(k) or k == "objective") and isinstance(v, float)}
+        accs = {k: v for k, v in result.items()
+                if (parse_metric_key(k) or k.split("/")[0] == "objective") and isinstance(v, float)}
         metrics = {}
         if result.get("phase") == "train":
             metrics = accs
         elif result.get("phase") == "done":
             metrics = {f"final/{k}": v for k, v in accs.items()}
-            if result.get("objective") is not None:  # a search trial's last epoch came only here
+            if any(k.split("/")[0] == "objective" for k in accs):  # a search trial's last epoch came only here
                 metrics.update(accs)
             # the analyses' summary numbers (memray.summary): flip medians, localization precision
             metrics.update({k: v for k, v in result.items() if k.startswith(ANALYSIS_METRICS)
