@@ -139,8 +139,12 @@ def mann_whitney_less(a: list[float], b: list[float]) -> float:
 
 
 def wilcoxon_less(a: list[float], b: list[float]) -> float:
-    """One-sided signed-rank p that paired a_i < b_i tend to hold (inf allowed; ties dropped)."""
-    x, y = _finite(a, b)
+    """One-sided signed-rank p that paired a_i < b_i tend to hold (inf allowed; ties dropped). inf
+    becomes a value beyond 2 x max - min, so a pair with one side not flipped always has the
+    largest difference."""
+    fin = [v for v in (*a, *b) if math.isfinite(v)]
+    big = (2 * max(fin) - min(fin) + 1) if fin else 1.0
+    x, y = ([v if math.isfinite(v) else big for v in s] for s in (a, b))
     d = np.asarray(x) - np.asarray(y)
     if not np.any(d != 0):
         return 1.0
@@ -193,6 +197,8 @@ def memorization_window(evals: Rows) -> list[int]:
     if not curve:
         return []
     final = curve[max(curve)]
+    if not final > 0:  # nothing memorized: no window
+        return []
     return [e for e, a in sorted(curve.items()) if WINDOW[0] * final <= a <= WINDOW[1] * final]
 
 
@@ -394,8 +400,11 @@ def finding_4a(cell: Cell) -> Verdict:
     r_noisy, r_clean = units_to_flip(rows, "random", True), units_to_flip(rows, "random", False)
     ratio = _ratio(_median(g_noisy), _median(g_clean))
     ratio_random = _ratio(_median(r_noisy), _median(r_clean))
+    if math.isnan(ratio_random):
+        return inconclusive("4a", cell, "random order flipped too few targets for its control ratio",
+                            n=len(g_noisy) + len(g_clean))
     p = mann_whitney_less(g_noisy, g_clean)
-    ok = p < ALPHA and ratio <= 0.75 and (math.isnan(ratio_random) or ratio < ratio_random)
+    ok = p < ALPHA and ratio <= 0.75 and ratio < ratio_random
     return _verdict("4a", cell, verdict="agree" if ok else "differ", n=len(g_noisy) + len(g_clean), p=p,
                     value=f"median units noisy {_fmt(_median(g_noisy))} vs clean {_fmt(_median(g_clean))} "
                           f"(ratio {_fmt(ratio)})",
@@ -438,10 +447,11 @@ def finding_4c(cell: Cell) -> Verdict:
     expected = statistics.fmean(1 - float((share ** r["n_units"]).sum()) for r in rows)
     k, n = sum(spread), len(spread)
     lo = stats.binomtest(k, n).proportion_ci(0.95, method="wilson").low
-    return _verdict("4c", cell, verdict="agree" if lo > 0.5 else "differ", n=n,
+    p = stats.binomtest(k, n, p=min(expected, 1 - 1e-12), alternative="greater").pvalue  # beyond chance
+    return _verdict("4c", cell, verdict="agree" if lo > 0.5 and p < ALPHA else "differ", n=n,
                     value=f"{k}/{n} noisy targets' units on >= 2 sites",
                     control=f"{expected:.0%} expected if units fell on sites by their share of all zeroed units",
-                    interval_or_p=f"Wilson 95% low {lo:.2f}")
+                    interval_or_p=f"Wilson 95% low {lo:.2f}; above chance p={_fmt(p, 2)}")
 
 
 def finding_4d(cell: Cell) -> Verdict:
@@ -476,6 +486,8 @@ def finding_5a(cell: Cell) -> Verdict:
     drop = [_final(ev[s], "drop", "train_noisy") for s in seeds]
     clean = [_final(ev[s], "drop", "train_clean") - 0.9 * _final(ev[s], "own", "train_clean") for s in seeds]
     gap = [_final(ev[s], "drop", "test") - twin_test[s] for s in seeds]
+    if any(math.isnan(v) for v in (*own, *drop, *clean, *gap)):
+        return inconclusive("5a", cell, "a final own/drop evaluation or the twin's test is missing", n=len(seeds))
     parts = [(own, 0.9, True), (drop, 0.10, False), (clean, 0.0, True), (gap, -0.01, True)]
     oks, ps = [], []
     for vals, thr, above in parts:
@@ -598,8 +610,9 @@ FINDINGS: dict[str, Finding] = {
     "4b": Finding("greedy needs at most half the units random order needs", ("plain", "etd", "standard"), False,
                   "median greedy/random <= 0.5 on the same targets; Wilcoxon p < 0.05", finding_4b),
     "4c": Finding("noisy targets' units spread over sites", ("plain",), False,
-                  "Wilson 95% lower bound of the share of noisy targets with units on >= 2 sites above 0.5 (the "
-                  "share expected by chance, from each site's share of all zeroed units, is reported beside it)",
+                  "Wilson 95% lower bound of the share of noisy targets with units on >= 2 sites above 0.5, and "
+                  "that share above chance (binomial p < 0.05 against the share expected if units fell on sites "
+                  "by each site's share of all zeroed units; site sizes are not in the tables)",
                   finding_4c),
     "4d": Finding("noisy edits cost less accuracy elsewhere than clean edits", ("plain",), True,
                   "median test-accuracy cost (same fixed samples before/after) lower by >= 1 point; Mann-Whitney "

@@ -361,14 +361,15 @@ class Trial:
         return final
 
 
-def finished_result(store: TrialStore, row: dict[str, Any]) -> dict[str, Any]:
+def finished_result(store: TrialStore, row: dict[str, Any], objective: str | None = None) -> dict[str, Any]:
     """The final metrics of a trial that its `trials` row says is done, from its tables (a resumed
-    sweep reports these instead of running it again)."""
+    sweep reports these instead of running it again), with a search's objective."""
     evals = store.read("evals")
+    search = objective_metrics(objective, final_metrics(evals)) if objective is not None else {}
     tabs = {t: store.read(t) for t in ("flips", "localization", "rewinding", "retraining", "gradients")}
     return {"epoch": max((r["epoch"] for r in evals), default=0), "wall_s": row["wall_s"],
             "data_digest": row.get("data_digest"), **final_metrics(evals), **flip_summary(tabs["flips"]),
-            **localization_summary(tabs["localization"]), **layer_summary(tabs)}
+            **localization_summary(tabs["localization"]), **layer_summary(tabs), **search}
 
 
 def run_trial(cfg: ExperimentConfig, data: Data | None = None, device=None, data_dir=None,

@@ -176,7 +176,8 @@ def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, s
 
         def f(k, w):
             v = m.get(k)
-            return f"{v:>{w}.3f}" if isinstance(v, float) and v == v else f"{'-':>{w}}"
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+            return f"{float(v):>{w}.3f}" if number else f"{'-':>{w}}"
         st = status.get(c.trial_key) or "unfinished"
         etd = c.dropout.kind != "none"
         print(f"{c.trial_key:12}  {st:8} {c.data.dataset:8} {c.model.arch:8} {c.model.resolved_width:>5} "

@@ -213,14 +213,22 @@ def test_4d_null_clear_and_too_few_targets():
     assert F.finding_4d(cell([{"flips": flip_rows(random.Random(1), 5, same, same, same)}])).verdict == "inconclusive"
 
 
-def test_4c_spread_over_sites():
-    spread = cell([{"flips": flip_rows(random.Random(1), 12, lambda r: 4, same, same)}])
-    assert F.finding_4c(spread).verdict == "agree"  # units j % 3: every target with >= 2 units uses 2+ sites
-    one_site = cell([{"flips": flip_rows(random.Random(1), 12, lambda r: 4, same, same)}])
-    for t in one_site.seeds.values():
-        for r in t["flips"]:
-            r["units"] = [{"site": 1, "unit": j} for j in range(r["n_units"])]
-    assert F.finding_4c(one_site).verdict == "differ"
+def test_4c_spread_over_sites_beyond_chance():
+    """Noisy targets' units on 2 sites while most zeroed units (the clean targets') sit on a third:
+    spread beyond what site shares give by chance agrees; the same spread when every site is used
+    alike is what chance gives (differ); all on one site differs."""
+    def rows(noisy_sites, clean_site=2, clean_units=40):
+        out = flip_rows(random.Random(1), 12, lambda r: 4, lambda r: clean_units, same)
+        for r in out:
+            if r["method"] == "greedy":
+                sites = noisy_sites if r["is_noisy"] else [clean_site]
+                r["units"] = [{"site": sites[j % len(sites)], "unit": j} for j in range(r["n_units"])]
+        return cell([{"flips": out}])
+
+    v = F.finding_4c(rows([0, 1]))
+    assert v.verdict == "agree", v
+    assert F.finding_4c(rows([0, 1, 2], clean_units=4)).verdict == "differ"  # chance spreads as much
+    assert F.finding_4c(rows([1])).verdict == "differ"
 
 
 # ----------------------------------------------------------------------------- 5a, 5b

@@ -79,6 +79,17 @@ def reference_final(config_json: str) -> dict:
     return {(r["mode"], r["subset"]): (r["accuracy"], r["loss"]) for r in tr.history if r["epoch"] == last}
 
 
+def assert_final_equals_uninterrupted(results, key: str, config_json: str, epoch: int) -> None:
+    """The trial's last evaluation equals the same trial trained without interruption."""
+    got = {(m, s): (a, lo) for m, s, a, lo in rows(
+        results, "evals", f"select mode, subset, accuracy, loss from t where trial_key = '{key}' and epoch = {epoch}")}
+    want = reference_final(config_json)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k][0] == want[k][0], k
+        assert got[k][1] == pytest.approx(want[k][1], rel=1e-6), k
+
+
 def test_sigkill_of_a_trial_worker_resumes_from_its_checkpoint(tmp_path):
     results = tmp_path / "r"
     proc = start("sweeps.dropout_grid", "--preset", "tiny", "--epochs", "40", "--widths", "256",
@@ -101,14 +112,7 @@ def test_sigkill_of_a_trial_worker_resumes_from_its_checkpoint(tmp_path):
     assert rows(results, "evals", "select count(*), count(distinct (trial_key, epoch, mode, subset)) from t") == \
         [(40 * 4 + 40 * 11,) * 2]
     # the interrupted trial ends with the same final metrics as an uninterrupted run
-    key = t[1][0]
-    got = {(m, s): (a, lo) for m, s, a, lo in rows(
-        results, "evals", f"select mode, subset, accuracy, loss from t where trial_key = '{key}' and epoch = 40")}
-    want = reference_final(config_json)
-    assert got.keys() == want.keys()
-    for k in want:
-        assert got[k][0] == want[k][0], k
-        assert got[k][1] == pytest.approx(want[k][1], rel=1e-6), k
+    assert_final_equals_uninterrupted(results, t[1][0], config_json, 40)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "emptied"])
@@ -149,13 +153,7 @@ def test_a_damaged_newest_checkpoint_restarts_the_retry_from_an_older_one(tmp_pa
     assert 0 <= restored_from < damaged_epoch and epochs_done == 40
     assert rows(results, "evals", "select count(*), count(distinct (trial_key, epoch, mode, subset)) from t") == \
         [(40 * 4 + 40 * 11,) * 2]
-    got = {(m, s): (a, lo) for m, s, a, lo in rows(
-        results, "evals", f"select mode, subset, accuracy, loss from t where trial_key = '{key}' and epoch = 40")}
-    want = reference_final(config_json)
-    assert got.keys() == want.keys()
-    for k in want:
-        assert got[k][0] == want[k][0], k
-        assert got[k][1] == pytest.approx(want[k][1], rel=1e-6), k
+    assert_final_equals_uninterrupted(results, key, config_json, 40)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])

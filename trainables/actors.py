@@ -63,7 +63,7 @@ def analysis_executor(cfg: ExperimentConfig, workers: int, cpus: float, gpus: fl
                       data_dir: str | None) -> Executor | None:
     """An executor over `workers` actors holding the trial's CPUs, or None (the analyses then run in
     the trainable's own process) when there are no workers or no analyses that use them."""
-    if workers <= 0 or not set(cfg.analyses.run) & {"rewind", "retrain", "flip"}:
+    if workers <= 0 or not set(cfg.analyses.run) & {"rewind", "retrain", "flip", "localize"}:
         return None
     actors = _pool(workers, cpus, gpus, data_dir)
 

@@ -178,8 +178,8 @@ class MlflowLogger(tune.Callback):
             if any(k.split("/")[0] == "objective" for k in accs):  # a search trial's last epoch came only here
                 metrics.update(accs)
             # the analyses' summary numbers (memray.summary): flip medians, localization precision
-            metrics.update({k: v for k, v in result.items() if k.startswith(ANALYSIS_METRICS)
-                            and isinstance(v, float) and v == v})
+            metrics.update({k: float(v) for k, v in result.items() if k.startswith(ANALYSIS_METRICS)
+                            and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v})
         by_step = self.pending.setdefault(key, (exp, {}))[1]
         by_step.setdefault(int(result["epoch"]), {}).update(metrics)
 

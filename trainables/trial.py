@@ -41,10 +41,10 @@ def restore_newest_readable(trial, checkpoint: tune.Checkpoint | None) -> None:
     Either way it ends with the same numbers (deterministic resume)."""
     if checkpoint is None:
         return
-    fs, parent = checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    fs, (parent, name) = checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)
     older = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
                     if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-                    and i.path.rstrip("/") != checkpoint.path.rstrip("/")), reverse=True)
+                    and i.base_name < name), reverse=True)  # never one newer than Tune's
     for candidate in [checkpoint, *(tune.Checkpoint(p, filesystem=fs) for p in older)]:
         try:
             with candidate.as_directory() as d:
@@ -72,7 +72,8 @@ def train_trial(config: dict[str, Any]) -> None:
     if done is not None:
         tune.report({"trial_key": exp.trial_key, "node_id": done["node_id"], "device": done["device"],
                      "phase": "done", "restored_from": done.get("restored_from") or 0,
-                     "attempts": done["attempts"], "already_done": True, **finished_result(store, done)})
+                     "attempts": done["attempts"], "already_done": True,
+                     **finished_result(store, done, config.get("objective"))})
         return
     cpus, gpus = float(config["cpus_per_trial"]), float(config.get("gpus_per_trial") or 0.0)
     torch.set_num_threads(threads(cpus))

@@ -293,8 +293,8 @@ METHODS: dict[str, Method] = {"greedy": greedy, "random": random_scores, "mask_o
 
 
 def ranking(loc: Localizer, method: str, ids: torch.Tensor, budget: int, ig_steps: int = 64) -> torch.Tensor:
-    """(T, n) flat unit indices, most responsible first, candidates only (n = the fewest
-    candidates of any target; greedy: at most `budget`)."""
+    """(T, U) flat unit indices, most responsible first: each target's candidates, then the units
+    its own mask already drops (greedy: its first `budget` zeroings, candidates only)."""
     ids = torch.as_tensor(ids, dtype=torch.long, device=loc.device)
     if method not in METHODS:
         raise LocalizeError(f"method={method!r} is invalid: one of {sorted(METHODS)}")
@@ -304,9 +304,9 @@ def ranking(loc: Localizer, method: str, ids: torch.Tensor, budget: int, ig_step
     scores = out.double()
     cand = loc.own(ids) > 0
     scores = scores.masked_fill(~cand, -math.inf)
-    n = int(cand.sum(1).min())
-    # stable descending sort: ties keep the lower flat index first
-    return torch.sort(-scores, dim=1, stable=True).indices[:, :n]
+    # stable descending sort: ties keep the lower flat index first; each target's own candidates
+    # come first, the units already off for it (not candidates) last
+    return torch.sort(-scores, dim=1, stable=True).indices
 
 
 def localization_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids: torch.Tensor,
