@@ -108,7 +108,7 @@ def train_stacked(recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Te
     """len(seeds) models trained at once (see the module doc): ((M, N) int16 predictions, the
     stacked parameters {name: (M, ...)})."""
     models = [_init(recipe, s, tuple(x.shape[1:]), classes, x.dtype) for s in seeds]
-    params, _ = stack_module_state(models)  # {name: (M, ...)}
+    params = {k: v.detach() for k, v in stack_module_state(models)[0].items()}  # {name: (M, ...)}, no autograd graph
     base = copy.deepcopy(models[0]).to("meta")
     plans = [_batches(s, torch.nonzero(subset_mask(s, len(x), recipe.fraction)).flatten(), recipe.epochs,
                       recipe.batch_size) for s in seeds]
@@ -127,9 +127,10 @@ def train_stacked(recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Te
             idx = torch.stack([p[e][j] for p in plans])  # (M, B): every model's batch
             g = grads(params, x[idx], y[idx])
             lr = _lr(recipe, step, total)
-            for k in params:
-                mom[k].mul_(recipe.momentum).add_(g[k])  # torch.optim.SGD's momentum buffer
-                params[k] = params[k] - lr * mom[k]
+            with torch.no_grad():
+                for k in params:
+                    mom[k].mul_(recipe.momentum).add_(g[k])  # torch.optim.SGD's momentum buffer
+                    params[k].sub_(mom[k], alpha=lr)
             step += 1
     with torch.no_grad():
         logits = vmap(lambda p: functional_call(base, p, (x,)))(params)  # (M, N, classes)
