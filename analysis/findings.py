@@ -334,9 +334,10 @@ def finding_2a(cell: Cell) -> Verdict:
     if reason:
         return inconclusive("2a", cell, reason)
     classes = _classes_per_seed(cell)
+    by_tables = {id(t): classes[s] for s, t in cell.seeds.items()}  # each seed's classes, computed once
 
-    def per_seed(t, s=None):
-        c = rewinding_classes(t["rewinding"], t["evals"])
+    def per_seed(t):
+        c = by_tables[id(t)]
         return None if not c else sum(v == "redundant" for v in c.values()) / len(c)
 
     return _seed_values("2a", cell, per_seed, 0.5, True, lambda m: f"{m:.0%} of groups redundant at e*",
