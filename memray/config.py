@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -28,7 +29,8 @@ NOISE_KINDS = ("label", "placebo")  # placebo: the "noisy" examples keep their t
 PROTOCOL = 2  # EXPERIMENTS.md's version: results of different protocols are never pooled
 # Fields added after protocol 2: left out of the canonical form (so of the trial key) while they
 # hold these defaults, so adding one keeps every existing key.
-OMIT_AT_DEFAULT: dict[tuple[str, str], Any] = {}
+OMIT_AT_DEFAULT: dict[tuple[str, str], Any] = {("analyses", "memscores"): None, ("analyses", "rare_threshold"): 0.25}
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # sweep names (memray.tables.check_name)
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
 ANALYSES = ("gradients", "rewind", "retrain", "flip", "localize")
@@ -201,6 +203,11 @@ class AnalysisConfig:
     localize_reference: int = 32  # reference batch R
     localize_budget: int = 64  # most units zeroed in rank order when counting units to flip
     ig_steps: int = 32  # integrated gradients' trapezoid intervals (>= 16)
+    # memorization scores (section 8): the scoring sweep whose `memscores` this trial uses (rare
+    # flip and localization targets; findings 5b and 8a-8b), and the score from which a clean
+    # example is rare
+    memscores: str | None = None
+    rare_threshold: float = 0.25
 
     def validate(self) -> None:
         _require(all(a in ANALYSES for a in self.run) and len(set(self.run)) == len(self.run),
@@ -233,6 +240,11 @@ class AnalysisConfig:
                  self.flip_budget, "an integer >= 1")
         _require(_is_num(self.retrain_lr) and self.retrain_lr > 0, "analyses.retrain_lr",
                  self.retrain_lr, "a number > 0")
+        _require(self.memscores is None or (isinstance(self.memscores, str) and bool(NAME_PATTERN.match(self.memscores))
+                                            and ".." not in self.memscores), "analyses.memscores", self.memscores,
+                 "null or a scoring sweep's name (letters, digits, '_', '-', '.')")
+        _require(_is_num(self.rare_threshold) and 0 < self.rare_threshold <= 1, "analyses.rare_threshold",
+                 self.rare_threshold, "a number in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -332,6 +344,77 @@ class ExperimentConfig:
                 node = node[p]
             node[parts[-1]] = v
         return ExperimentConfig.from_dict(d)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One trial of a memorization-score sweep (EXPERIMENTS.md section 8): models `first` ..
+    `first + count - 1` of the sweep, each trained with one fixed recipe (no ETD: SGD with momentum,
+    a one-cycle schedule) on its seeded subset holding `subset_fraction` of the
+    training set. Model k's subset, initialisation and data order come from its seed
+    (`memray.memscores.model_seeds(k, seed)`), so a trial stores only seeds and predictions. The
+    sweep's K is not part of a trial: the same models are the same trials in any sweep."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    arch: str = "mlp"
+    width: int | None = None
+    epochs: int = 60
+    lr: float = 0.05  # peak of the one-cycle schedule
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    subset_fraction: float = 0.7
+    first: int = 0
+    count: int = 16
+    seed: int = 0  # base of the model seeds
+    protocol: int = PROTOCOL
+
+    def validate(self) -> "ScoreConfig":
+        self.data.validate()
+        ModelConfig(self.arch, self.width).validate()
+        _require(not self.data.augment, "data.augment", self.data.augment, "false (scores use one fixed recipe)")
+        _require(_is_num(self.subset_fraction) and 0 < self.subset_fraction < 1, "subset_fraction",
+                 self.subset_fraction, "a number in the open interval (0, 1)")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("first", 0), ("count", 1)):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v >= low, name, v, f"an integer >= {low}")
+        _require(_is_num(self.lr) and self.lr > 0, "lr", self.lr, "a number > 0")
+        _require(_is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        _require(_is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
+                 "a number >= 0")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed", self.seed,
+                 "an integer >= 0")
+        _require(self.protocol == PROTOCOL, "protocol", self.protocol, f"{PROTOCOL}")
+        if self.data.dataset in ONE_D_DATASETS and self.arch in ARCH_REJECTS_1D:
+            raise ConfigError("arch", self.arch, f"dataset {self.data.dataset!r} is a 1-D signal")
+        return self
+
+    @property
+    def resolved_width(self) -> int:
+        return self.width if self.width is not None else DEFAULT_WIDTH[self.arch]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def canonical_json(self) -> str:
+        return json.dumps({"kind": "memscores", **self.to_dict()}, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def trial_key(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ScoreConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("config", d, "a mapping")
+        allowed = {f.name for f in fields(cls)}
+        for k, v in d.items():
+            if k not in allowed:
+                raise ConfigError(k, v, f"unknown key; allowed: {sorted(allowed)}")
+        kwargs = dict(d)
+        if "data" in kwargs:
+            kwargs["data"] = _build_section("data", DataConfig, kwargs["data"])
+        return cls(**kwargs).validate()
 
 
 def _build_section(name: str, klass: type, v: Any) -> Any:

@@ -18,8 +18,9 @@ tensors (elementwise, so exactly per-model SGD). `train_one` is the same recipe 
 time; the two agree in float64 (tested). Models with BatchNorm are not stacked here (vmap over
 running statistics would need `functional_call` to return buffers): this covers the mlp.
 
-This is the library half of the scoring sweep; the Ray sweep, its tables and the grid sweep's use
-of the scores are not built yet.
+`ScoringRun` is one trial of the scoring sweep (`python -m sweeps.memorization_scores`): its
+models, a resume state, and its `memscore_models` rows; `score_table` is the sweep's reduce step
+(the `memscores` table), `summary` what it reports.
 """
 from __future__ import annotations
 
@@ -27,11 +28,15 @@ import copy
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
+from .config import ScoreConfig
+from .data import Data
 from .models import build_model
+from .train import load_state, lr_factor, save_state
 
 
 def subset_mask(seed: int, n: int, fraction: float) -> torch.Tensor:
@@ -64,12 +69,18 @@ class Recipe:
     momentum: float = 0.9
     batch_size: int = 64
     fraction: float = 0.7
+    weight_decay: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: ScoreConfig) -> Recipe:
+        return cls(cfg.arch, cfg.resolved_width, cfg.epochs, cfg.lr, cfg.momentum, cfg.batch_size, cfg.subset_fraction,
+                   cfg.weight_decay)
 
 
-def _init(recipe: Recipe, seed: int, in_shape, classes, dtype) -> torch.nn.Module:
+def _init(recipe: Recipe, seed: int, in_shape, classes, dtype, device=None) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(recipe.arch, recipe.width, in_shape, classes).to(dtype)
+        return build_model(recipe.arch, recipe.width, in_shape, classes).to(dtype).to(device or "cpu")
 
 
 def _batches(seed: int, ids: torch.Tensor, epochs: int, batch_size: int) -> list[list[torch.Tensor]]:
@@ -78,21 +89,28 @@ def _batches(seed: int, ids: torch.Tensor, epochs: int, batch_size: int) -> list
 
 
 def _lr(recipe: Recipe, step: int, total: int) -> float:
-    t = step / max(1, total)  # one-cycle: linear up to the peak at 20%, then linear down
-    return recipe.lr * (t / 0.2 if t < 0.2 else max(0.0, (1 - t) / 0.8))
+    return recipe.lr * lr_factor("onecycle", step, total, 0.2)  # linear up to the peak at 20%, then down
+
+
+def stackable(recipe: Recipe, in_shape, classes) -> bool:
+    """Models without buffers (no BatchNorm running statistics) train stacked; others one at a time."""
+    return not list(build_model(recipe.arch, recipe.width, tuple(in_shape), classes).buffers())
 
 
 def train_one(recipe: Recipe, seed: int, x: torch.Tensor, y: torch.Tensor,
               classes: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One model on its subset: (its predictions on all of x (int16), its parameters)."""
-    model = _init(recipe, seed, tuple(x.shape[1:]), classes, x.dtype)
-    ids = torch.nonzero(subset_mask(seed, len(x), recipe.fraction)).flatten()
-    plan = _batches(seed, ids, recipe.epochs, recipe.batch_size)
+    model = _init(recipe, seed, tuple(x.shape[1:]), classes, x.dtype, x.device)
+    ids = torch.nonzero(subset_mask(seed, len(x), recipe.fraction)).flatten().to(x.device)
+    plan = _batches(seed, ids.cpu(), recipe.epochs, recipe.batch_size)
     total = sum(len(e) for e in plan)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                          weight_decay=recipe.weight_decay)
     step = 0
+    model.train()
     for epoch in plan:
         for b in epoch:
+            b = b.to(x.device)
             for group in opt.param_groups:
                 group["lr"] = _lr(recipe, step, total)
             opt.zero_grad(set_to_none=True)
@@ -100,48 +118,213 @@ def train_one(recipe: Recipe, seed: int, x: torch.Tensor, y: torch.Tensor,
             opt.step()
             step += 1
     with torch.no_grad():
-        return model.eval()(x).argmax(1).to(torch.int16), {k: v.detach() for k, v in model.named_parameters()}
+        model.eval()
+        pred = torch.cat([model(xb).argmax(1) for xb in x.split(1024)])
+        return pred.to(torch.int16).cpu(), {k: v.detach() for k, v in model.named_parameters()}
+
+
+class Stacked:
+    """M models trained at once (see the module doc), one epoch per `run_epoch`, with a resume
+    state: the stacked parameters, their momentum buffers and the epoch. Data orders are drawn
+    from the seeds up front, so a restored run takes the same batches as an uninterrupted one."""
+
+    def __init__(self, recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Tensor, classes: int):
+        self.recipe, self.x, self.y = recipe, x, y
+        models = [_init(recipe, s, tuple(x.shape[1:]), classes, x.dtype, x.device) for s in seeds]
+        self.params = {k: v.detach() for k, v in stack_module_state(models)[0].items()}  # {name: (M, ...)}, no graph
+        self.base = copy.deepcopy(models[0]).to("meta")
+        self.plans = [_batches(s, torch.nonzero(subset_mask(s, len(x), recipe.fraction)).flatten(), recipe.epochs,
+                               recipe.batch_size) for s in seeds]
+        self.steps = [len(b) for b in self.plans[0]]
+        assert all([len(b) for b in p] == self.steps for p in self.plans), "equal subsets give equal batch counts"
+        self.total = sum(self.steps)
+        self.mom = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        self.epoch = 0
+
+        def loss(p, xb, yb):
+            return F.cross_entropy(functional_call(self.base, p, (xb,)), yb)
+
+        self.grads = vmap(grad(loss))
+
+    def run_epoch(self) -> None:
+        e, r = self.epoch, self.recipe
+        step = sum(self.steps[:e])
+        for j in range(self.steps[e]):
+            idx = torch.stack([p[e][j] for p in self.plans]).to(self.x.device)  # (M, B): every model's batch
+            g = self.grads(self.params, self.x[idx], self.y[idx])
+            lr = _lr(r, step, self.total)
+            with torch.no_grad():
+                for k in self.params:
+                    if r.weight_decay:
+                        g[k].add_(self.params[k], alpha=r.weight_decay)  # torch.optim.SGD's weight decay
+                    self.mom[k].mul_(r.momentum).add_(g[k])  # torch.optim.SGD's momentum buffer
+                    self.params[k].sub_(self.mom[k], alpha=lr)
+            step += 1
+        self.epoch += 1
+
+    def predictions(self) -> torch.Tensor:
+        """(M, N) int16: every model's prediction on every training example."""
+        with torch.no_grad():
+            logits = torch.cat([vmap(lambda p, xb=xb: functional_call(self.base, p, (xb,)))(self.params)
+                                for xb in self.x.split(1024)], dim=1)  # (M, N, classes)
+        return logits.argmax(-1).to(torch.int16).cpu()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "params": {k: v.cpu() for k, v in self.params.items()},
+                "mom": {k: v.cpu() for k, v in self.mom.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        for k in self.params:
+            self.params[k].copy_(state["params"][k])
+            self.mom[k].copy_(state["mom"][k])
 
 
 def train_stacked(recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Tensor,
                   classes: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """len(seeds) models trained at once (see the module doc): ((M, N) int16 predictions, the
-    stacked parameters {name: (M, ...)})."""
-    models = [_init(recipe, s, tuple(x.shape[1:]), classes, x.dtype) for s in seeds]
-    params = {k: v.detach() for k, v in stack_module_state(models)[0].items()}  # {name: (M, ...)}, no autograd graph
-    base = copy.deepcopy(models[0]).to("meta")
-    plans = [_batches(s, torch.nonzero(subset_mask(s, len(x), recipe.fraction)).flatten(), recipe.epochs,
-                      recipe.batch_size) for s in seeds]
-    steps = [len(b) for b in plans[0]]
-    assert all([len(b) for b in p] == steps for p in plans), "equal subsets give equal batch counts"
-    total = sum(steps)
+    """len(seeds) models trained at once: ((M, N) int16 predictions, the stacked parameters
+    {name: (M, ...)})."""
+    run = Stacked(recipe, seeds, x, y, classes)
+    while run.epoch < recipe.epochs:
+        run.run_epoch()
+    return run.predictions(), run.params
 
-    def loss(p, xb, yb):
-        return F.cross_entropy(functional_call(base, p, (xb,)), yb)
 
-    grads = vmap(grad(loss))
-    mom = {k: torch.zeros_like(v) for k, v in params.items()}
-    step = 0
-    for e, n in enumerate(steps):
-        for j in range(n):
-            idx = torch.stack([p[e][j] for p in plans])  # (M, B): every model's batch
-            g = grads(params, x[idx], y[idx])
-            lr = _lr(recipe, step, total)
-            with torch.no_grad():
-                for k in params:
-                    mom[k].mul_(recipe.momentum).add_(g[k])  # torch.optim.SGD's momentum buffer
-                    params[k].sub_(mom[k], alpha=lr)
-            step += 1
-    with torch.no_grad():
-        logits = vmap(lambda p: functional_call(base, p, (x,)))(params)  # (M, N, classes)
-    return logits.argmax(-1).to(torch.int16), params
+class ScoringRun:
+    """A scoring trial's models (`ScoreConfig`): trained stacked, one epoch per step, or (models
+    with BatchNorm) one at a time, one model per step. `steps()` yields progress after each step;
+    `state_dict`/`load_state_dict` resume (a one-at-a-time run resumes at its next model);
+    `rows()` are its `memscore_models` rows."""
+
+    def __init__(self, cfg: ScoreConfig, data: Data):
+        self.cfg, self.data = cfg, data
+        self.recipe = Recipe.of(cfg)
+        self.seeds = [model_seed(k, cfg.seed) for k in range(cfg.first, cfg.first + cfg.count)]
+        self.stacked = stackable(self.recipe, data.in_shape, data.num_classes)
+        self.run = Stacked(self.recipe, self.seeds, data.x_train, data.y_train, data.num_classes) if self.stacked else None
+        self.done: list[torch.Tensor] = []  # one at a time: finished models' predictions
+        self.restored_from = 0  # the step a restored run continued from
+
+    @property
+    def n_steps(self) -> int:
+        return self.recipe.epochs if self.stacked else len(self.seeds)
+
+    @property
+    def step(self) -> int:
+        return self.run.epoch if self.stacked else len(self.done)
+
+    def steps(self):
+        while self.step < self.n_steps:
+            if self.stacked:
+                self.run.run_epoch()
+            else:
+                s = self.seeds[len(self.done)]
+                self.done.append(train_one(self.recipe, s, self.data.x_train, self.data.y_train,
+                                           self.data.num_classes)[0])
+            yield {"step": self.step, "steps": self.n_steps}
+
+    def predictions(self) -> torch.Tensor:
+        return self.run.predictions() if self.stacked else torch.stack(self.done)
+
+    def rows(self) -> list[dict]:
+        preds = self.predictions().numpy()
+        return [{"model_index": self.cfg.first + i, "subset_seed": s, "predictions": preds[i].tolist()}
+                for i, s in enumerate(self.seeds)]
+
+    def state_dict(self) -> dict:
+        return {"stacked": self.run.state_dict()} if self.stacked else {"done": [p.clone() for p in self.done]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.stacked:
+            self.run.load_state_dict(state["stacked"])
+        else:
+            self.done = list(state["done"])
+        self.restored_from = self.step
+
+    def save(self, path) -> None:
+        save_state(self.state_dict(), path)
+
+    def restore(self, path) -> None:
+        """Continue from a state `save` wrote (loaded with weights_only: no code runs)."""
+        self.load_state_dict(load_state(path))
+
+
+def model_seed(k: int, base_seed: int = 0) -> int:
+    """Model k's subset (and init, and data order) seed."""
+    return base_seed * 1_000_003 + k
 
 
 def model_seeds(models: int, base_seed: int = 0) -> list[int]:
     """The subset (and init, and order) seed of each of K models."""
-    return [base_seed * 1_000_003 + k for k in range(models)]
+    return [model_seed(k, base_seed) for k in range(models)]
 
 
 def median_stderr(s: dict[str, torch.Tensor]) -> float:
     v = s["stderr"][~s["stderr"].isnan()]
     return float(v.median()) if v.numel() else math.nan
+
+
+# ----------------------------------------------------------------------------- the reduce step
+def score_table(sweep: str, cfg: ScoreConfig, data: Data, model_rows: list[dict]) -> list[dict]:
+    """The `memscores` rows (one per training example) from a sweep's `memscore_models` rows: the
+    subsets are regenerated from their seeds. Undefined values (n_in or n_out 0) are null."""
+    model_rows = sorted(model_rows, key=lambda r: r["model_index"])
+    n = data.n_train
+    preds = torch.tensor(np.stack([np.asarray(r["predictions"], dtype=np.int16) for r in model_rows]))
+    if preds.shape[1] != n:
+        raise ValueError(f"sweep {sweep!r}: predictions cover {preds.shape[1]} examples, the data has {n}")
+    in_subset = torch.stack([subset_mask(int(r["subset_seed"]), n, cfg.subset_fraction) for r in model_rows])
+    s = scores(preds, in_subset, data.y_train.cpu())
+    cols = {k: v.tolist() for k, v in s.items()}
+    noisy, given, true = data.noise_mask.cpu().tolist(), data.y_train.cpu().tolist(), data.y_true.cpu().tolist()
+    d = cfg.data
+
+    def val(k, i):
+        v = cols[k][i]
+        return None if math.isnan(v) else v
+
+    return [{"sweep": sweep, "dataset": d.dataset, "noise_rate": d.noise_rate, "noise_kind": d.noise_kind,
+             "data_seed": d.data_seed, "arch": cfg.arch, "width": cfg.resolved_width, "models": len(model_rows),
+             "subset_fraction": cfg.subset_fraction, "example_id": i, "is_noisy": noisy[i], "given_label": given[i],
+             "true_label": true[i], "n_in": int(cols["n_in"][i]), "n_out": int(cols["n_out"][i]),
+             "acc_in": val("acc_in", i), "acc_out": val("acc_out", i), "score": val("score", i),
+             "stderr": val("stderr", i)} for i in range(n)]
+
+
+def summary(rows: list[dict], rare_threshold: float = 0.25) -> dict[str, float]:
+    """What a scoring sweep reports: the median standard error, noisy and clean median scores, the
+    one-sided Mann-Whitney p that noisy examples score higher, the rare count (clean, score >=
+    the threshold)."""
+    from scipy import stats
+
+    ok = [r for r in rows if r["score"] is not None]
+    noisy = [r["score"] for r in ok if r["is_noisy"]]
+    clean = [r["score"] for r in ok if not r["is_noisy"]]
+    out = {"models": float(rows[0]["models"]) if rows else 0.0, "examples": float(len(rows)),
+           "scored": float(len(ok)), "median_stderr": float(np.median([r["stderr"] for r in ok])) if ok else math.nan,
+           "noisy_median_stderr": (float(np.median([r["stderr"] for r in ok if r["is_noisy"]]))
+                                   if noisy else math.nan),
+           "noisy_median_score": float(np.median(noisy)) if noisy else math.nan,
+           "clean_median_score": float(np.median(clean)) if clean else math.nan,
+           "rare": float(sum(s >= rare_threshold for s in clean))}
+    out["noisy_gt_clean_p"] = (float(stats.mannwhitneyu(noisy, clean, alternative="greater").pvalue)
+                               if len(noisy) >= 8 and len(clean) >= 8 else math.nan)
+    return out
+
+
+def top_clean_figure(rows: list[dict], data: Data, title: str, n: int = 12) -> bytes | None:
+    """The top-scoring clean examples (the rarest: right mostly when trained on) above the
+    highest-scoring noisy ones, drawn from the data; captions: id, given label, score."""
+    from . import plots
+
+    groups = {}
+    for label, noisy in (("top clean", False), ("top noisy", True)):
+        sel = sorted((r for r in rows if r["score"] is not None and r["is_noisy"] == noisy),
+                     key=lambda r: (-r["score"], r["example_id"]))[:n]
+        if sel:
+            ids = torch.tensor([r["example_id"] for r in sel])
+            groups[label] = (data.x_train[ids.to(data.device)].cpu().numpy(),
+                             [f"#{r['example_id']} y={r['given_label']} s={r['score']:.2f}" for r in sel])
+    if not groups:
+        return None
+    return plots.png(plots.examples_figure(groups, f"{title}: highest memorization scores"))

@@ -356,3 +356,24 @@ FIGURES = {"gradients": gradients_figure, "rewinding": rewinding_figure, "retrai
 def trial_figures(tables: dict[str, Rows], title: str = "") -> dict[str, bytes]:
     """{table name: PNG bytes} for every non-empty analysis table among `tables`."""
     return {name: png(fn(tables[name], title)) for name, fn in FIGURES.items() if tables.get(name)}
+
+
+def scores_figure(groups: dict[str, list[float]], title: str = "", threshold: float | None = None) -> plt.Figure:
+    """Memorization-score distributions, one histogram per group (e.g. noisy vs clean examples,
+    or the clean examples ETD's `drop` forgets vs those it keeps), each normalised to its own count."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    bins = [i / 20 - 1 for i in range(41)]  # scores lie in [-1, 1]
+    for (label, values), color in zip(groups.items(), (NOISY, CLEAN, "#7f7f7f", "#2ca02c")):
+        v = [x for x in values if x == x]
+        if v:
+            ax.hist(v, bins=bins, weights=[1 / len(v)] * len(v), histtype="step", lw=1.6, color=color,
+                    label=f"{label} (n={len(v)}, median {_median(v):.2f})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls=":", lw=1, label=f"rare threshold {threshold:g}")
+    ax.set_xlabel("memorization score (acc_in - acc_out)")
+    ax.set_ylabel("fraction of the group")
+    ax.set_xlim(-0.5, 1.0)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "Memorization scores")
+    fig.tight_layout()
+    return fig

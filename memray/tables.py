@@ -12,13 +12,14 @@ the trial_key, so a retried or resumed trial overwrites its own fragment and no 
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from .config import NAME_PATTERN as _NAME
 
 _units = pa.list_(pa.struct([("site", pa.int32()), ("unit", pa.int32())]))
 
@@ -62,9 +63,18 @@ SCHEMAS: dict[str, pa.Schema] = {
                                ("is_noisy", pa.bool_()), ("own_correct", pa.bool_()), ("all_correct", pa.bool_()),
                                ("drop_correct", pa.bool_())]),
 }
+SCHEMAS["memscore_models"] = pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("model_index", pa.int32()),
+                                        ("subset_seed", pa.int64()), ("predictions", pa.list_(pa.int16()))])
+# one fragment per scoring sweep, named after it (like `sweeps`); undefined scores (n_in or n_out 0) are null
+SCHEMAS["memscores"] = pa.schema([("sweep", pa.string()), ("dataset", pa.string()), ("noise_rate", pa.float64()),
+                                  ("noise_kind", pa.string()), ("data_seed", pa.int32()), ("arch", pa.string()),
+                                  ("width", pa.int32()), ("models", pa.int32()), ("subset_fraction", pa.float64()),
+                                  ("example_id", pa.int64()), ("is_noisy", pa.bool_()), ("given_label", pa.int32()),
+                                  ("true_label", pa.int32()), ("n_in", pa.int32()), ("n_out", pa.int32()),
+                                  ("acc_in", pa.float64()), ("acc_out", pa.float64()), ("score", pa.float64()),
+                                  ("stderr", pa.float64())])
 SCHEMAS["retraining"] = pa.schema([*SCHEMAS["rewinding"], ("epochs_run", pa.int32()), ("converged", pa.bool_())])
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def check_name(kind: str, name: str) -> str:

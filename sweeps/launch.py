@@ -55,8 +55,8 @@ def git_sha(full: bool = False) -> str:
         return ""
 
 
-def launch(args, plan: Plan) -> int:
-    """Run the plan's trials through Ray Tune; write the sweeps/trials tables; print the summary."""
+def tune_environment() -> None:
+    """Environment for Tune in the driver; set before Ray is imported."""
     # Tune's classic progress table honours our columns (the newer output engine picks its own).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Per-epoch checkpoints with num_to_keep force frequent experiment-state snapshots; they are
@@ -71,33 +71,69 @@ def launch(args, plan: Plan) -> int:
     # minutes at the sweep's end (MLflow's default: 7 retries with exponential backoff)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def record_start(args, keys: list[str] | None, preset: str, run_id: str, n_trials: int,
+                 spec: dict | None = None) -> dict:
+    """The sweep's grid file (what --resume checks) and its `sweeps` row; returns the row."""
+    tables.write_bytes(args.results_dir, grid_file(args.name), json.dumps(
+        {"trial_keys": keys, "spec": spec, "preset": preset, "run_id": run_id, "protocol": PROTOCOL,
+         "mlflow_uri": args.mlflow_uri}).encode())
+    row = {"sweep": args.name, "started_at": dt.datetime.now(dt.UTC), "finished_at": None,
+           "command": " ".join(sys.argv), "preset": preset, "n_trials": n_trials, "git_sha": git_sha(),
+           "ray_address": args.address or "local"}
+    tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [row])
+    return row
+
+
+def record_end(args, row: dict) -> None:
+    row["finished_at"] = dt.datetime.now(dt.UTC)
+    tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [row])
+
+
+def fit(args, trainable, space: dict, callbacks: list, reporter, tune_config=None, checkpoints: int = 3):
+    """Run (or, with --resume, restore and continue) the sweep's Tuner; returns its ResultGrid.
+    Trials are retried --max-failures times from their last checkpoint."""
     import ray
+    from ray import tune
+
+    fs, base = tables.filesystem(args.results_dir)
+    storage = f"{base}/ray"
+    remote_fs = None if "://" not in args.results_dir else fs
+    if remote_fs is None:
+        os.makedirs(storage, exist_ok=True)
+    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False,
+             include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    run_config = tune.RunConfig(name=args.name, storage_path=storage, storage_filesystem=remote_fs,
+                                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints),
+                                callbacks=callbacks, progress_reporter=reporter, verbose=1)
+    exp_path = f"{storage}/{args.name}"
+    if args.resume and tune.Tuner.can_restore(exp_path, storage_filesystem=remote_fs):
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=remote_fs)
+    else:
+        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
+                           tune_config=tune_config or tune.TuneConfig(reuse_actors=True))
+    return tuner.fit()
+
+
+def launch(args, plan: Plan) -> int:
+    """Run the plan's trials through Ray Tune; write the sweeps/trials tables; print the summary."""
+    tune_environment()
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from trainables.callbacks import MlflowLogger, TrialsTable
     from trainables.trial import resources, train_trial
 
-    started = dt.datetime.now(dt.UTC)
-    fs, base = tables.filesystem(args.results_dir)
-    storage = f"{base}/ray"
-    if "://" not in args.results_dir:
-        os.makedirs(storage, exist_ok=True)
     configs = plan.configs
     single = plan.objective is not None and plan.objective not in MULTI
     run_id = plan.resume_run_id or uuid.uuid4().hex[:12]
     n_trials = plan.n_trials
-    tables.write_bytes(args.results_dir, grid_file(args.name), json.dumps(
-        {"trial_keys": [c.trial_key for c in configs] if configs is not None else None, "spec": plan.spec,
-         "preset": plan.preset, "run_id": run_id, "protocol": PROTOCOL,
-         "mlflow_uri": args.mlflow_uri}).encode())
-    sweep_row = {"sweep": args.name, "started_at": started, "finished_at": None, "command": " ".join(sys.argv),
-                 "preset": plan.preset, "n_trials": n_trials, "git_sha": git_sha(), "ray_address": args.address or "local"}
-    tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
-
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=False,
-             include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    sweep_row = record_start(args, [c.trial_key for c in configs] if configs is not None else None, plan.preset,
+                             run_id, n_trials, plan.spec)
     pgf = resources(args.cpus_per_trial, args.gpus_per_trial, args.analysis_workers)
     trainable = tune.with_resources(train_trial, pgf)
     space = ({"exp": tune.grid_search([c.to_dict() for c in configs])} if configs is not None
@@ -119,32 +155,17 @@ def launch(args, plan: Plan) -> int:
               {"exp/dropout/p_gen": "p_gen", "exp/dropout/p_mem": "p_mem", "exp/optim/lr": "lr",
                "exp/model/width": "width"})
     reporter = tune.CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=15)
-    run_config = tune.RunConfig(name=args.name, storage_path=storage,
-                                storage_filesystem=None if "://" not in args.results_dir else fs,
-                                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=3),
-                                callbacks=callbacks, progress_reporter=reporter, verbose=1)
-    exp_path = f"{storage}/{args.name}"
-    remote_fs = None if "://" not in args.results_dir else fs
-    if args.resume and tune.Tuner.can_restore(exp_path, storage_filesystem=remote_fs):
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=remote_fs)
-    else:
-        # Trainable actors are reused between trials (no process start and torch import per trial);
-        # so are their analysis actors (trainables.actors).
-        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
-                           tune_config=tune.TuneConfig(scheduler=plan.scheduler, search_alg=plan.search_alg,
-                                                       num_samples=plan.num_samples,
-                                                       # a multi-objective searcher holds its metrics
-                                                       metric="objective" if single else None,
-                                                       mode="max" if single else None,
-                                                       reuse_actors=True))
-    grid = tuner.fit()
+    # Trainable actors are reused between trials (no process start and torch import per trial);
+    # so are their analysis actors (trainables.actors).
+    grid = fit(args, trainable, space, callbacks, reporter,
+               tune.TuneConfig(scheduler=plan.scheduler, search_alg=plan.search_alg, num_samples=plan.num_samples,
+                               # a multi-objective searcher holds its metrics
+                               metric="objective" if single else None, mode="max" if single else None,
+                               reuse_actors=True))
     # also after an interruption, when Tune may skip on_experiment_end; a restored Tuner runs its
     # own (unpickled) logger, which drain_all reaches too
     MlflowLogger.drain_all()
-    sweep_row["finished_at"] = dt.datetime.now(dt.UTC)
-    tables.write_fragment(args.results_dir, "sweeps", args.name, args.name, [sweep_row])
+    record_end(args, sweep_row)
     started = [r for r in grid if r.config]  # after an interruption, unstarted trials have no config
     keys = ([c.trial_key for c in configs] if configs is not None else
             [ExperimentConfig.from_dict(r.config["exp"]).trial_key for r in started])
