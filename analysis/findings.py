@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
-from memray.summary import units_to_flip
+from memray.summary import target_kind, units_to_flip
 
 from .store import Store, open_for_cli, store_parser
 
@@ -61,6 +61,8 @@ class Cell:
     seeds: dict[int, dict[str, Rows]] = field(default_factory=dict)  # seed -> {table: rows}
     keys: dict[int, str] = field(default_factory=dict)  # seed -> trial_key
     twin: Cell | None = None  # an ETD cell's plain twin
+    memscores: str | None = None  # the scoring sweep the cell's config names (EXPERIMENTS.md section 8)
+    scores: dict[int, dict[str, Any]] | None = None  # its memscores rows by example_id
 
     @property
     def kind(self) -> str:
@@ -388,17 +390,17 @@ def finding_3(cell: Cell) -> Verdict:
 
 def _flip_rows(cell: Cell, method: str, kind: str) -> Rows:
     return [r for t in cell.seeds.values() for r in t.get("flips", [])
-            if r["method"] == method and (r.get("target_kind") or ("noisy" if r["is_noisy"] else "clean")) == kind]
+            if r["method"] == method and target_kind(r) == kind]
 
 
 def finding_4a(cell: Cell) -> Verdict:
     rows = [r for t in cell.seeds.values() for r in t.get("flips", [])]
-    g_noisy = units_to_flip(rows, "greedy", True)
-    g_clean = units_to_flip(rows, "greedy", False)
+    g_noisy = units_to_flip(rows, "greedy", "noisy")
+    g_clean = units_to_flip(rows, "greedy", "clean")
     if min(len(g_noisy), len(g_clean)) < MIN_TARGETS:
         return inconclusive("4a", cell, f"{len(g_noisy)} noisy / {len(g_clean)} clean targets, need {MIN_TARGETS}",
                             n=len(g_noisy) + len(g_clean))
-    r_noisy, r_clean = units_to_flip(rows, "random", True), units_to_flip(rows, "random", False)
+    r_noisy, r_clean = units_to_flip(rows, "random", "noisy"), units_to_flip(rows, "random", "clean")
     ratio = _ratio(_median(g_noisy), _median(g_clean))
     ratio_random = _ratio(_median(r_noisy), _median(r_clean))
     if math.isnan(ratio_random):
@@ -504,8 +506,79 @@ def finding_5a(cell: Cell) -> Verdict:
                     interval_or_p=f"test gap [{glo:+.3f}, {ghi:+.3f}] (p={_fmt(p, 2)})")
 
 
+def _scored(cell: Cell, ids: list[int]) -> list[float]:
+    return [s for s in ((cell.scores.get(i) or {}).get("score") for i in ids) if s is not None]
+
+
+def _auc(a: list[float], b: list[float]) -> float:
+    """P(a score from `a` exceeds one from `b`), ties counted half: the AUC of the score as a
+    predictor of being in `a` (Mann-Whitney's U / (n_a n_b))."""
+    return float(stats.mannwhitneyu(a, b).statistic) / (len(a) * len(b))
+
+
 def finding_5b(cell: Cell) -> Verdict:
-    return inconclusive("5b", cell, "no memorization scores")
+    """Clean examples right under `own` in a seed: those `drop` forgets vs those it keeps,
+    pooled as (seed, example) pairs; their memorization scores (one-sided Mann-Whitney, AUC)."""
+    if cell.scores is None:
+        return inconclusive("5b", cell, "no memorization scores (run the grid with --memscores SWEEP)")
+    forgotten, kept = [], []
+    for t in cell.seeds.values():
+        for r in t.get("etd_examples", []):
+            if not r["is_noisy"] and r["own_correct"]:
+                (kept if r["drop_correct"] else forgotten).append(r["example_id"])
+    a, b = _scored(cell, forgotten), _scored(cell, kept)
+    if min(len(a), len(b)) < MIN_TARGETS:
+        return inconclusive("5b", cell, f"{len(a)} forgotten / {len(b)} kept scored clean examples, need "
+                                        f"{MIN_TARGETS}", n=len(a) + len(b))
+    p = float(stats.mannwhitneyu(a, b, alternative="greater").pvalue)
+    auc = _auc(a, b)
+    return _verdict("5b", cell, verdict="agree" if p < ALPHA and auc > 0.5 else "differ", n=len(a) + len(b), p=p,
+                    value=f"median score forgotten {_fmt(_median(a))} (n={len(a)}) vs kept {_fmt(_median(b))} "
+                          f"(n={len(b)}); AUC {auc:.3f}",
+                    control="clean examples drop keeps", interval_or_p=f"Mann-Whitney p={_fmt(p, 2)}")
+
+
+def finding_8a(cell: Cell) -> Verdict:
+    """The scores' own check: noisy examples score higher than clean ones (one-sided
+    Mann-Whitney). Under placebo the "noisy" examples keep their labels: it must not agree."""
+    if cell.scores is None:
+        return inconclusive("8a", cell, "no memorization scores (run the grid with --memscores SWEEP)")
+    noisy = [r["score"] for r in cell.scores.values() if r["is_noisy"] and r["score"] is not None]
+    clean = [r["score"] for r in cell.scores.values() if not r["is_noisy"] and r["score"] is not None]
+    if min(len(noisy), len(clean)) < MIN_TARGETS:
+        return inconclusive("8a", cell, f"{len(noisy)} noisy / {len(clean)} clean scored examples, need "
+                                        f"{MIN_TARGETS}", n=len(noisy) + len(clean))
+    p = float(stats.mannwhitneyu(noisy, clean, alternative="greater").pvalue)
+    ok = p < ALPHA and _median(noisy) > _median(clean)
+    return _verdict("8a", cell, verdict="agree" if ok else "differ", n=len(noisy) + len(clean), p=p,
+                    value=f"median score noisy {_fmt(_median(noisy))} (n={len(noisy)}); AUC {_auc(noisy, clean):.3f}",
+                    control=f"clean {_fmt(_median(clean))} (n={len(clean)}); scores of sweep {cell.memscores}",
+                    interval_or_p=f"Mann-Whitney p={_fmt(p, 2)}")
+
+
+def finding_8b(cell: Cell) -> Verdict:
+    """4a's rule with rare targets in the place of noisy ones: rare examples (clean, score >= the
+    rare threshold) flip with fewer units than typical clean ones, beyond random order's ratio."""
+    if cell.scores is None:
+        return inconclusive("8b", cell, "no memorization scores (run the grid with --memscores SWEEP)")
+    rows = [r for t in cell.seeds.values() for r in t.get("flips", [])]
+    g_rare, g_clean = units_to_flip(rows, "greedy", "rare"), units_to_flip(rows, "greedy", "clean")
+    if min(len(g_rare), len(g_clean)) < MIN_TARGETS:
+        return inconclusive("8b", cell, f"{len(g_rare)} rare / {len(g_clean)} typical clean targets, need "
+                                        f"{MIN_TARGETS}", n=len(g_rare) + len(g_clean))
+    r_rare, r_clean = units_to_flip(rows, "random", "rare"), units_to_flip(rows, "random", "clean")
+    ratio, ratio_random = _ratio(_median(g_rare), _median(g_clean)), _ratio(_median(r_rare), _median(r_clean))
+    if math.isnan(ratio_random):
+        return inconclusive("8b", cell, "random order flipped too few targets for its control ratio",
+                            n=len(g_rare) + len(g_clean))
+    p = mann_whitney_less(g_rare, g_clean)
+    ok = p < ALPHA and ratio <= 0.75 and ratio < ratio_random
+    return _verdict("8b", cell, verdict="agree" if ok else "differ", n=len(g_rare) + len(g_clean), p=p,
+                    value=f"median units rare {_fmt(_median(g_rare))} vs typical clean {_fmt(_median(g_clean))} "
+                          f"(ratio {_fmt(ratio)})",
+                    control=f"random order: rare {_fmt(_median(r_rare))} vs clean {_fmt(_median(r_clean))} "
+                            f"(ratio {_fmt(ratio_random)})",
+                    interval_or_p=f"Mann-Whitney p={_fmt(p, 2)}")
 
 
 def _precision_at_truth(cell: Cell) -> dict[str, dict[str, dict[tuple, float]]]:
@@ -623,7 +696,8 @@ FINDINGS: dict[str, Finding] = {
                   "own train_noisy >= 0.9; drop train_noisy <= 0.10; drop train_clean >= 0.9 x own's; drop test "
                   "- twin test >= -0.01 (t-intervals, paired by seed)", finding_5a),
     "5b": Finding("the clean examples drop forgets are atypical (higher memorization scores)", ("etd",), False,
-                  "Mann-Whitney and AUC of the score for forgotten vs kept clean examples", finding_5b),
+                  "scores of clean examples right under own: forgotten by drop above kept (one-sided Mann-Whitney "
+                  "p < 0.05 over (seed, example) pairs, >= 8 each) and AUC > 0.5", finding_5b),
     "7a": Finding("a localization method finds the units that hold a memorized label", ("etd",), False,
                   "precision@|truth| on noisy targets above mask_only's on the same targets (Wilcoxon) and above "
                   "its own on clean targets (Mann-Whitney); p (the larger) < 0.05 after Holm over methods",
@@ -631,6 +705,12 @@ FINDINGS: dict[str, Finding] = {
     "7b": Finding("the cheapest method within 5 points of the best also localizes memorization", ("etd",), False,
                   "among methods within 0.05 of the best median noisy precision@|truth| (not mask_only or random), "
                   "the one with the fewest seconds per target passes 7a", finding_7b),
+    "8a": Finding("noisy examples have higher memorization scores than clean ones", ("plain",), True,
+                  "scores of the named scoring sweep: noisy above clean (one-sided Mann-Whitney p < 0.05, median "
+                  "noisy > median clean)", finding_8a),
+    "8b": Finding("rare examples flip with fewer units than typical clean ones", ("plain",), True,
+                  "4a's rule for rare vs typical clean targets: greedy median ratio <= 0.75 and below random "
+                  "order's; Mann-Whitney p < 0.05, >= 8 targets each", finding_8b),
 }
 
 
@@ -673,6 +753,7 @@ def load_cells(store: Store, sweep: str) -> list[Cell]:
             tables[name][r["trial_key"]].append(r)
     cells: dict[str, Cell] = {}
     configs: dict[str, dict] = {}
+    scores: dict[str, dict[int, dict[str, Any]]] = {}
     for t in trials:
         cfg = json.loads(t["config_json"])
         key_cfg = {k: v for k, v in cfg.items() if k != "seed"}
@@ -682,6 +763,12 @@ def load_cells(store: Store, sweep: str) -> list[Cell]:
                                           t.get("noise_kind") or "label"))
         cell.seeds[int(t["seed"])] = {name: sorted(tables[name][t["trial_key"]], key=_order(name))
                                       for name in TABLES}
+        name = cfg.get("analyses", {}).get("memscores")
+        if name is not None and cell.scores is None:
+            if name not in scores:
+                scores[name] = {r["example_id"]: r for r in store.rows(
+                    "select example_id, is_noisy, score from memscores where sweep = ?", [name])}
+            cell.memscores, cell.scores = name, scores[name] or None
         cell.keys[int(t["seed"])] = t["trial_key"]
     # an ETD cell's twin: the plain cell with the same config but for the dropout section
     plain = {json.dumps({k: v for k, v in configs[key].items() if k != "dropout"}, sort_keys=True): c

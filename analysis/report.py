@@ -77,7 +77,37 @@ def cell_figures(store: Store, cell: Cell) -> list[str]:
         rel = f"figures/sweep={cell.sweep}/{cell.keys[first]}/forgotten.png"
         if tables.exists(store.results, rel):
             figs.append(_img(tables.read_bytes(store.results, rel), "forgotten vs kept"))
+        if cell.scores is not None:  # finding 5b: the forgotten clean examples' scores vs the kept ones'
+            groups: dict[str, list[float]] = {"forgotten by drop": [], "kept by drop": []}
+            for tt in cell.seeds.values():
+                for r in tt["etd_examples"]:
+                    s = (cell.scores.get(r["example_id"]) or {}).get("score")
+                    if not r["is_noisy"] and r["own_correct"] and s is not None:
+                        groups["kept by drop" if r["drop_correct"] else "forgotten by drop"].append(s)
+            figs.append(_img(plots.png(plots.scores_figure(
+                groups, f"{cell.name}: clean examples right under own, scores ({cell.memscores})")), "5b scores"))
     return figs
+
+
+def scores_section(store: Store, cells: list[Cell]) -> tuple[str, int]:
+    """The memorization scores the sweep's cells name: noisy vs clean distributions and the scoring
+    sweep's top-scoring examples (drawn by its reduce step)."""
+    out, n = [], 0
+    for name in sorted({c.memscores for c in cells if c.scores is not None}):
+        rows = next(c.scores for c in cells if c.memscores == name).values()
+        meta = store.rows("select any_value(models) k, any_value(subset_fraction) r, any_value(arch) arch, "
+                          "median(stderr) se from memscores where sweep = ?", [name])[0]
+        figs = [_img(plots.png(plots.scores_figure(
+            {"noisy": [r["score"] for r in rows if r["is_noisy"] and r["score"] is not None],
+             "clean": [r["score"] for r in rows if not r["is_noisy"] and r["score"] is not None]},
+            f"{name}: K={meta['k']}, r={meta['r']:g}, {meta['arch']}", 0.25)), "scores")]
+        rel = f"figures/sweep={name}/{name}/top_scoring.png"
+        if tables.exists(store.results, rel):
+            figs.append(_img(tables.read_bytes(store.results, rel), "top-scoring examples"))
+        n += len(figs)
+        out.append(f"<h3>Memorization scores: {html.escape(name)} (median stderr {meta['se']:.3f})</h3>"
+                   f"<div class='figs'>{''.join(figs)}</div>")
+    return "".join(out), n
 
 
 def search_pareto(store: Store, sweep: str) -> str:
@@ -115,6 +145,10 @@ def build(store: Store, sweeps: list[str]) -> tuple[str, dict[str, list[Verdict]
             n_fig += len(figs)
             figs_html.append(f"<h3>{html.escape(cell.name)} (seeds {sorted(cell.seeds)})</h3>"
                              f"<div class='figs'>{''.join(figs)}</div>")
+        scores_html, n = scores_section(store, cells)
+        if scores_html:
+            figs_html.insert(0, scores_html)
+            n_fig += n
         pareto = search_pareto(store, sweep)
         if pareto:
             figs_html.insert(0, f"<h3>Search: Pareto front</h3><div class='figs'>{pareto}</div>")

@@ -42,6 +42,9 @@ class Data:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    # (N,) bool: clean examples whose memorization score reaches the rare threshold (EXPERIMENTS.md
+    # section 8); None when the trial names no scores
+    rare_mask: torch.Tensor | None = None
 
     @property
     def n_train(self) -> int:
@@ -71,9 +74,22 @@ class Data:
     def noisy_ids(self) -> torch.Tensor:
         return torch.nonzero(self.noise_mask).flatten()
 
+    def target_kind(self, i: int) -> str:
+        """noisy, rare (a clean example with a high memorization score) or clean."""
+        if bool(self.noise_mask[i]):
+            return "noisy"
+        return "rare" if self.rare_mask is not None and bool(self.rare_mask[i]) else "clean"
+
+    def with_rare(self, ids) -> "Data":
+        """This data with the rare examples marked (ids of clean examples)."""
+        mask = torch.zeros(self.n_train, dtype=torch.bool)
+        mask[torch.as_tensor(list(ids), dtype=torch.long)] = True
+        return replace(self, rare_mask=(mask & ~self.noise_mask.cpu()).to(self.device))
+
     def to(self, device: torch.device | str) -> "Data":
         return replace(self, **{k: getattr(self, k).to(device) for k in
-                                ("x_train", "y_train", "y_true", "noise_mask", "x_test", "y_test")})
+                                ("x_train", "y_train", "y_true", "noise_mask", "x_test", "y_test")},
+                       rare_mask=self.rare_mask.to(device) if self.rare_mask is not None else None)
 
 
 # ----------------------------------------------------------------------------- label noise

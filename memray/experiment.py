@@ -38,7 +38,7 @@ from .probes.localize import localization_rows
 from .probes.retraining import retrain_item
 from .probes.rewinding import rewind_item
 from .summary import epoch_metrics, final_metrics, flip_summary, layer_summary, localization_summary
-from .tables import TrialStore
+from .tables import TrialStore, check_memscores, read_memscores
 from .train import Diverged, Trainer, example_correctness, load_state, pick_device, predict, save_state
 
 WorkItem = tuple
@@ -62,7 +62,7 @@ def analysis_items(cfg: ExperimentConfig, n_groups: int, snapshot_epochs: list[i
         items += [("retrain", g) for g in range(n_groups)]
     if "flip" in run:
         a = cfg.analyses
-        n = 2 * a.flip_targets if has_noise else a.flip_targets
+        n = a.flip_targets * (1 + has_noise + (a.memscores is not None))  # noisy, clean, rare
         for method in ("greedy", "random"):
             items += [("flip", method, start, min(start + a.flip_targets_per_batch, n))
                       for start in range(0, n, a.flip_targets_per_batch)]
@@ -74,6 +74,16 @@ def analysis_items(cfg: ExperimentConfig, n_groups: int, snapshot_epochs: list[i
 # relative cost of the localization methods (measured on the default mlp): the slowest start first
 LOCALIZE_COST = {"greedy": 8, "slimming": 6, "zero_out": 5, "integrated_gradients": 4, "activation": 1,
                  "grad_x_act": 1, "random": 0, "mask_only": 0}
+
+
+def rare_ids(results: str, cfg: ExperimentConfig, data: Data) -> list[int]:
+    """The rare examples of the scores the config names (EXPERIMENTS.md section 8): clean, with a
+    score at or above `analyses.rare_threshold` (examples without a score are not rare)."""
+    name, threshold = cfg.analyses.memscores, cfg.analyses.rare_threshold
+    check_memscores(results, name, cfg.data, data.n_train)
+    t = read_memscores(results, name, ["example_id", "is_noisy", "score"]).to_pydict()
+    return sorted(i for i, noisy, s in zip(t["example_id"], t["is_noisy"], t["score"])
+                  if not noisy and s is not None and s >= threshold)
 
 
 def skipped_analyses(cfg: ExperimentConfig, data: Data) -> dict[str, str]:
@@ -92,10 +102,12 @@ class AnalysisRunner:
 
     def __init__(self, cfg: ExperimentConfig, model_state: dict[str, torch.Tensor],
                  snapshots: dict[int, dict[str, torch.Tensor]], data: Data | None = None,
-                 device: torch.device | str | None = None, data_dir=None):
+                 device: torch.device | str | None = None, data_dir=None, rare: list[int] | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device()
         self.data = (data if data is not None else load_data(cfg.data, data_dir)).to(self.device)
+        if rare is not None:
+            self.data = self.data.with_rare(rare)
         self.model = build_model(cfg.model.arch, cfg.model.resolved_width, self.data.in_shape,
                                  self.data.num_classes).to(self.device)
         self.model.load_state_dict(model_state)
@@ -146,15 +158,21 @@ class AnalysisRunner:
     def localize_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(targets, reference ids, test sample) for localization (section 7): seeded samples of the
         noisy and clean examples the model predicts with their given label in mode `own` (as
-        trained), a clean reference batch disjoint from them, and a fixed test sample."""
+        trained; with scores named, typical clean ones, then as many rare ones), a clean reference
+        batch disjoint from them, and a fixed test sample."""
         if self._localize is None:
             a = self.cfg.analyses
             own = (lambda i: self.etd.example_masks(i)) if self.etd is not None else None
             ok = (predict(self.model, self.data.x_train, own).argmax(1) == self.data.y_train).cpu()
             noisy = self.data.noise_mask.cpu()
             g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 31)
-            pick = [ids[torch.randperm(len(ids), generator=g)][:a.localize_targets]
-                    for ids in (torch.nonzero(ok & noisy).flatten(), torch.nonzero(ok & ~noisy).flatten())]
+            rare = (self.data.rare_mask.cpu() if self.data.rare_mask is not None
+                    else torch.zeros_like(noisy))
+            groups = [torch.nonzero(ok & noisy).flatten(), torch.nonzero(ok & ~noisy & ~rare).flatten()]
+            pick = [ids[torch.randperm(len(ids), generator=g)][:a.localize_targets] for ids in groups]
+            if self.data.rare_mask is not None:  # drawn after the others: their draws are unchanged
+                ids = torch.nonzero(ok & rare).flatten()
+                pick.append(ids[torch.randperm(len(ids), generator=g)][:a.localize_targets])
             targets = torch.cat(pick)
             clean = torch.nonzero(~noisy).flatten()
             pool = clean[~torch.isin(clean, targets)]
@@ -181,6 +199,7 @@ class AnalysisJob:
     model_state: dict[str, torch.Tensor]
     snapshots: dict[int, dict[str, torch.Tensor]]
     items: list[WorkItem] = field(default_factory=list)
+    rare: list[int] | None = None  # rare example ids, when the config names memorization scores
 
 
 Executor = Callable[[AnalysisJob], Iterable[tuple[str, Rows]]]
@@ -188,7 +207,8 @@ Executor = Callable[[AnalysisJob], Iterable[tuple[str, Rows]]]
 
 def run_here(job: AnalysisJob, data: Data | None = None, device=None) -> list[tuple[str, Rows]]:
     """The in-process executor: one runner, the items in order."""
-    runner = AnalysisRunner(ExperimentConfig.from_dict(job.exp), job.model_state, job.snapshots, data, device)
+    runner = AnalysisRunner(ExperimentConfig.from_dict(job.exp), job.model_state, job.snapshots, data, device,
+                            rare=job.rare)
     return list(map(runner.run, job.items))
 
 
@@ -217,6 +237,13 @@ class Trial:
         self.cfg, self.store, self.objective = cfg, store, objective
         self.device = torch.device(device) if device is not None else pick_device()
         self.data = data if data is not None else load_data(cfg.data, data_dir, device=self.device)
+        self.rare: list[int] | None = None
+        if cfg.analyses.memscores is not None:
+            if store is None:
+                raise ValueError(f"analyses.memscores={cfg.analyses.memscores!r} needs a results store to read "
+                                 f"the scores from")
+            self.rare = rare_ids(store.results, cfg, self.data)
+            self.data = self.data.with_rare(self.rare)
         self.trainer = Trainer(cfg, self.data, self.device)
         self.restored_from = 0
         self._stored: set[int] = set()  # snapshot epochs already in the store
@@ -290,7 +317,7 @@ class Trial:
         items = analysis_items(self.cfg, len(tr.model.layer_groups), sorted(tr.snapshots),
                                bool(self.data.noise_mask.any()))
         state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()} if items else {}
-        return AnalysisJob(self.cfg.to_dict(), state, tr.snapshots if items else {}, items)
+        return AnalysisJob(self.cfg.to_dict(), state, tr.snapshots if items else {}, items, self.rare)
 
     def analyse(self, executor: Executor | None = None) -> dict[str, Rows]:
         """Every analysis table of this trial's config, rows in their one order."""

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
@@ -36,6 +37,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from .config import ScoreConfig
 from .data import Data
 from .models import build_model
+from .tables import SCHEMAS
 from .train import load_state, lr_factor, save_state
 
 
@@ -50,11 +52,11 @@ def subset_mask(seed: int, n: int, fraction: float) -> torch.Tensor:
 def scores(predictions: torch.Tensor, in_subset: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per example: n_in, n_out, acc_in, acc_out, score, stderr (float64; NaN where n_in or n_out
     is 0). predictions (K, N) class ids, in_subset (K, N) bool, labels (N,) given labels."""
-    right = (predictions.long() == labels.long()[None]).double()
-    inn, out = in_subset.double(), (~in_subset).double()
-    n_in, n_out = inn.sum(0), out.sum(0)
-    acc_in = (right * inn).sum(0) / n_in
-    acc_out = (right * out).sum(0) / n_out
+    right = predictions == labels.to(predictions.dtype)[None]  # (K, N) bool: 1 byte a prediction
+    n_in = in_subset.sum(0, dtype=torch.float64)
+    n_out = predictions.shape[0] - n_in
+    acc_in = (right & in_subset).sum(0, dtype=torch.float64) / n_in
+    acc_out = (right & ~in_subset).sum(0, dtype=torch.float64) / n_out
     stderr = (acc_in * (1 - acc_in) / n_in + acc_out * (1 - acc_out) / n_out).sqrt()
     return {"n_in": n_in, "n_out": n_out, "acc_in": acc_in, "acc_out": acc_out, "score": acc_in - acc_out,
             "stderr": stderr}
@@ -105,7 +107,7 @@ def train_one(recipe: Recipe, seed: int, x: torch.Tensor, y: torch.Tensor,
     plan = _batches(seed, ids.cpu(), recipe.epochs, recipe.batch_size)
     total = sum(len(e) for e in plan)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay)
+                          weight_decay=recipe.weight_decay, fused=True)
     step = 0
     model.train()
     for epoch in plan:
@@ -133,12 +135,19 @@ class Stacked:
         models = [_init(recipe, s, tuple(x.shape[1:]), classes, x.dtype, x.device) for s in seeds]
         self.params = {k: v.detach() for k, v in stack_module_state(models)[0].items()}  # {name: (M, ...)}, no graph
         self.base = copy.deepcopy(models[0]).to("meta")
+        self.bmm = recipe.arch == "mlp"  # batched matmuls; other stackable models: vmap
+        if self.bmm:  # weights held as (M, in, out): h @ W is one contiguous bmm, and so are its gradients
+            self.params = {k: v.transpose(1, 2).contiguous() if k.endswith("weight") else v
+                           for k, v in self.params.items()}
         self.plans = [_batches(s, torch.nonzero(subset_mask(s, len(x), recipe.fraction)).flatten(), recipe.epochs,
                                recipe.batch_size) for s in seeds]
         self.steps = [len(b) for b in self.plans[0]]
         assert all([len(b) for b in p] == self.steps for p in self.plans), "equal subsets give equal batch counts"
         self.total = sum(self.steps)
-        self.mom = {k: torch.zeros_like(v) for k, v in self.params.items()}
+        # SGD over the stacked tensors is elementwise, so it is each model's own SGD; fused: the
+        # momentum and the update in one pass over the weights (a third of a step's time unfused)
+        self.opt = torch.optim.SGD(list(self.params.values()), lr=recipe.lr, momentum=recipe.momentum,
+                                   weight_decay=recipe.weight_decay, fused=True)
         self.epoch = 0
 
         def loss(p, xb, yb):
@@ -146,38 +155,67 @@ class Stacked:
 
         self.grads = vmap(grad(loss))
 
+    def _mlp_logits(self, p: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+        """memray.models.MLP's forward for M models at once: (M, B, ...) -> (M, B, classes), each
+        layer one batched matmul (baddbmm) for every model; weights held as (M, in, out)."""
+        h = xb.flatten(2)
+        i = 0
+        while f"hidden.{i}.0.weight" in p:
+            h = torch.relu(torch.baddbmm(p[f"hidden.{i}.0.bias"].unsqueeze(1), h, p[f"hidden.{i}.0.weight"]))
+            i += 1
+        return torch.baddbmm(p["head.bias"].unsqueeze(1), h, p["head.weight"])
+
+    def module_params(self) -> dict[str, torch.Tensor]:
+        """The stacked parameters in the modules' own layout ({name: (M, ...)}, as nn.Linear holds them)."""
+        if not self.bmm:
+            return self.params
+        return {k: v.transpose(1, 2) if k.endswith("weight") else v for k, v in self.params.items()}
+
+    def _bmm_grads(self, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every model's gradient of its own mean loss: the models are independent, so the gradient
+        of the sum of their losses w.r.t. model m's parameters is model m's gradient."""
+        p = {k: v.requires_grad_() for k, v in self.params.items()}
+        logits = self._mlp_logits(p, xb)
+        m, b = yb.shape
+        loss = F.cross_entropy(logits.reshape(m * b, -1), yb.reshape(-1), reduction="sum") / b
+        g = torch.autograd.grad(loss, list(p.values()))
+        for v in self.params.values():
+            v.requires_grad_(False)
+        return dict(zip(p, g))
+
     def run_epoch(self) -> None:
         e, r = self.epoch, self.recipe
         step = sum(self.steps[:e])
         for j in range(self.steps[e]):
             idx = torch.stack([p[e][j] for p in self.plans]).to(self.x.device)  # (M, B): every model's batch
-            g = self.grads(self.params, self.x[idx], self.y[idx])
-            lr = _lr(r, step, self.total)
-            with torch.no_grad():
-                for k in self.params:
-                    if r.weight_decay:
-                        g[k].add_(self.params[k], alpha=r.weight_decay)  # torch.optim.SGD's weight decay
-                    self.mom[k].mul_(r.momentum).add_(g[k])  # torch.optim.SGD's momentum buffer
-                    self.params[k].sub_(self.mom[k], alpha=lr)
+            g = self._bmm_grads(self.x[idx], self.y[idx]) if self.bmm else self.grads(self.params, self.x[idx],
+                                                                                      self.y[idx])
+            for k, v in self.params.items():
+                v.grad = g[k]
+            self.opt.param_groups[0]["lr"] = _lr(r, step, self.total)
+            self.opt.step()
             step += 1
         self.epoch += 1
 
     def predictions(self) -> torch.Tensor:
         """(M, N) int16: every model's prediction on every training example."""
+        m = len(self.plans)
         with torch.no_grad():
-            logits = torch.cat([vmap(lambda p, xb=xb: functional_call(self.base, p, (xb,)))(self.params)
+            logits = torch.cat([self._mlp_logits(self.params, xb.expand(m, *xb.shape)) if self.bmm else
+                                vmap(lambda p, xb=xb: functional_call(self.base, p, (xb,)))(self.params)
                                 for xb in self.x.split(1024)], dim=1)  # (M, N, classes)
         return logits.argmax(-1).to(torch.int16).cpu()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "params": {k: v.cpu() for k, v in self.params.items()},
-                "mom": {k: v.cpu() for k, v in self.mom.items()}}
+        return {"epoch": self.epoch, "params": {k: v.detach().cpu() for k, v in self.params.items()},
+                "opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
-        for k in self.params:
-            self.params[k].copy_(state["params"][k])
-            self.mom[k].copy_(state["mom"][k])
+        with torch.no_grad():
+            for k in self.params:
+                self.params[k].copy_(state["params"][k])
+        self.opt.load_state_dict(state["opt"])
 
 
 def train_stacked(recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Tensor,
@@ -187,14 +225,14 @@ def train_stacked(recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Te
     run = Stacked(recipe, seeds, x, y, classes)
     while run.epoch < recipe.epochs:
         run.run_epoch()
-    return run.predictions(), run.params
+    return run.predictions(), run.module_params()
 
 
 class ScoringRun:
     """A scoring trial's models (`ScoreConfig`): trained stacked, one epoch per step, or (models
     with BatchNorm) one at a time, one model per step. `steps()` yields progress after each step;
     `state_dict`/`load_state_dict` resume (a one-at-a-time run resumes at its next model);
-    `rows()` are its `memscore_models` rows."""
+    `table()` is its `memscore_models` fragment."""
 
     def __init__(self, cfg: ScoreConfig, data: Data):
         self.cfg, self.data = cfg, data
@@ -226,10 +264,16 @@ class ScoringRun:
     def predictions(self) -> torch.Tensor:
         return self.run.predictions() if self.stacked else torch.stack(self.done)
 
-    def rows(self) -> list[dict]:
-        preds = self.predictions().numpy()
-        return [{"model_index": self.cfg.first + i, "subset_seed": s, "predictions": preds[i].tolist()}
-                for i, s in enumerate(self.seeds)]
+    def table(self, sweep: str) -> pa.Table:
+        """Its `memscore_models` rows: one per model, its subset seed and its predictions (int16)."""
+        preds = self.predictions().numpy()  # (M, N) int16
+        m, n = preds.shape
+        values = pa.ListArray.from_arrays(pa.array(np.arange(0, (m + 1) * n, n, dtype=np.int32)),
+                                          pa.array(preds.reshape(-1)))
+        return pa.table({"sweep": [sweep] * m, "trial_key": [self.cfg.trial_key] * m,
+                         "model_index": pa.array(range(self.cfg.first, self.cfg.first + m), pa.int32()),
+                         "subset_seed": pa.array(self.seeds, pa.int64()), "predictions": values},
+                        schema=SCHEMAS["memscore_models"])
 
     def state_dict(self) -> dict:
         return {"stacked": self.run.state_dict()} if self.stacked else {"done": [p.clone() for p in self.done]}
@@ -265,15 +309,15 @@ def median_stderr(s: dict[str, torch.Tensor]) -> float:
 
 
 # ----------------------------------------------------------------------------- the reduce step
-def score_table(sweep: str, cfg: ScoreConfig, data: Data, model_rows: list[dict]) -> list[dict]:
-    """The `memscores` rows (one per training example) from a sweep's `memscore_models` rows: the
-    subsets are regenerated from their seeds. Undefined values (n_in or n_out 0) are null."""
-    model_rows = sorted(model_rows, key=lambda r: r["model_index"])
+def score_table(sweep: str, cfg: ScoreConfig, data: Data, predictions: np.ndarray, subset_seeds: list[int]) -> list[dict]:
+    """The `memscores` rows (one per training example) from a sweep's models: their predictions
+    (K, N) int16 and subset seeds (the subsets are regenerated). Undefined values (n_in or n_out 0)
+    are null. Memory: the predictions, and two (K, N) bool masks (CIFAR-10, K = 2,000: 300 MB)."""
     n = data.n_train
-    preds = torch.tensor(np.stack([np.asarray(r["predictions"], dtype=np.int16) for r in model_rows]))
+    preds = torch.from_numpy(np.ascontiguousarray(predictions, dtype=np.int16))
     if preds.shape[1] != n:
         raise ValueError(f"sweep {sweep!r}: predictions cover {preds.shape[1]} examples, the data has {n}")
-    in_subset = torch.stack([subset_mask(int(r["subset_seed"]), n, cfg.subset_fraction) for r in model_rows])
+    in_subset = torch.stack([subset_mask(int(s), n, cfg.subset_fraction) for s in subset_seeds])
     s = scores(preds, in_subset, data.y_train.cpu())
     cols = {k: v.tolist() for k, v in s.items()}
     noisy, given, true = data.noise_mask.cpu().tolist(), data.y_train.cpu().tolist(), data.y_true.cpu().tolist()
@@ -284,7 +328,7 @@ def score_table(sweep: str, cfg: ScoreConfig, data: Data, model_rows: list[dict]
         return None if math.isnan(v) else v
 
     return [{"sweep": sweep, "dataset": d.dataset, "noise_rate": d.noise_rate, "noise_kind": d.noise_kind,
-             "data_seed": d.data_seed, "arch": cfg.arch, "width": cfg.resolved_width, "models": len(model_rows),
+             "data_seed": d.data_seed, "arch": cfg.arch, "width": cfg.resolved_width, "models": len(subset_seeds),
              "subset_fraction": cfg.subset_fraction, "example_id": i, "is_noisy": noisy[i], "given_label": given[i],
              "true_label": true[i], "n_in": int(cols["n_in"][i]), "n_out": int(cols["n_out"][i]),
              "acc_in": val("acc_in", i), "acc_out": val("acc_out", i), "score": val("score", i),

@@ -19,7 +19,12 @@ import matplotlib.pyplot as plt
 from .config import MODES, SUBSETS
 
 Rows = list[dict[str, Any]]
-CLEAN, NOISY = "tab:blue", "tab:red"
+CLEAN, NOISY, RARE = "tab:blue", "tab:red", "tab:olive"
+KIND_COLORS = {"noisy": NOISY, "clean": CLEAN, "rare": RARE}  # flip and localization target kinds
+
+
+def _kind(r: dict) -> str:
+    return r.get("target_kind") or ("noisy" if r["is_noisy"] else "clean")
 
 
 def _groups(rows: Rows) -> list[tuple[int, str]]:
@@ -96,33 +101,33 @@ def retraining_figure(rows: Rows, title: str = "") -> plt.Figure:
 
 
 def flips_figure(rows: Rows, title: str = "") -> plt.Figure:
-    """Greedy units-to-flip histogram, noisy vs clean targets (with the random baseline's medians),
-    and the share of zeroed units per site (EXPERIMENTS.md section 4)."""
+    """Greedy units-to-flip histogram, noisy vs clean (and rare) targets (with the random
+    baseline's medians), and the share of zeroed units per site (EXPERIMENTS.md section 4)."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     greedy = [r for r in rows if r["method"] == "greedy"]
-    counts = {kind: [r["n_units"] for r in greedy if r["is_noisy"] == noisy and r["flipped"]]
-              for kind, noisy in (("noisy", True), ("clean", False))}
+    kinds = [(k, c) for k, c in KIND_COLORS.items() if any(_kind(r) == k for r in greedy)]
+    counts = {kind: [r["n_units"] for r in greedy if _kind(r) == kind and r["flipped"]] for kind, _ in kinds}
     top = max([1] + [max(v) for v in counts.values() if v])
     bins = range(0, top + 2, max(1, (top + 1) // 30))
-    for kind, col in (("noisy", NOISY), ("clean", CLEAN)):
-        n_all = sum(1 for r in greedy if r["is_noisy"] == (kind == "noisy"))
+    for kind, col in kinds:
+        n_all = sum(1 for r in greedy if _kind(r) == kind)
         if n_all:
             ax1.hist(counts[kind], bins=bins, alpha=0.6, color=col,
                      label=f"{kind} ({len(counts[kind])}/{n_all} flipped)")
-        rnd = sorted(r["n_units"] for r in rows if r["method"] == "random" and r["is_noisy"] == (kind == "noisy")
-                     and r["flipped"])
+        rnd = sorted(r["n_units"] for r in rows if r["method"] == "random" and _kind(r) == kind and r["flipped"])
         if rnd:  # the random baseline usually needs far more units: its median goes in the legend
             ax1.plot([], [], color=col, ls=":", label=f"random {kind}: median {rnd[len(rnd) // 2]} units")
     ax1.set(xlabel="units zeroed to flip the prediction", ylabel="targets", title="Greedy minimum-unit flip")
     ax1.legend(fontsize=8)
-    per_site: dict[int, dict[str, int]] = defaultdict(lambda: {"noisy": 0, "clean": 0})
+    per_site: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for r in greedy:
         for u in r["units"]:
-            per_site[int(u["site"])]["noisy" if r["is_noisy"] else "clean"] += 1
+            per_site[int(u["site"])][_kind(r)] += 1
     sites = sorted(per_site)
-    for k, (kind, col) in enumerate((("noisy", NOISY), ("clean", CLEAN))):
+    w = 0.8 / max(1, len(kinds))
+    for k, (kind, col) in enumerate(kinds):
         tot = sum(per_site[s][kind] for s in sites) or 1
-        ax2.bar([s + (k - 0.5) * 0.4 for s in sites], [per_site[s][kind] / tot for s in sites], 0.4,
+        ax2.bar([s + (k - (len(kinds) - 1) / 2) * w for s in sites], [per_site[s][kind] / tot for s in sites], w,
                 color=col, label=f"{kind} targets")
     ax2.set_xticks(sites, [str(s) for s in sites])
     ax2.set(xlabel="site", ylabel="share of zeroed units", title="Where the zeroed units are")
@@ -134,14 +139,14 @@ def flips_figure(rows: Rows, title: str = "") -> plt.Figure:
 
 def localization_figure(rows: Rows, title: str = "") -> plt.Figure:
     """Localization methods (section 7): left, median precision@k per method at each fixed k and at
-    k = |truth| (solid: noisy targets, dashed: clean); right, the CDF of units to flip in each
+    k = |truth| (solid: noisy targets, dashed: clean, dotted: rare); right, the CDF of units to flip in each
     method's rank order (noisy targets; not flipped within the budget: off the chart)."""
     methods = sorted({r["method"] for r in rows})
     cmap = plt.get_cmap("tab10")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     has_truth = any(r["n_truth"] for r in rows)
     for i, m in enumerate(methods):
-        for kind, ls in (("noisy", "-"), ("clean", "--")):
+        for kind, ls in (("noisy", "-"), ("clean", "--"), ("rare", ":")):
             sel = [r for r in rows if r["method"] == m and r["target_kind"] == kind and r["precision"] is not None]
             fixed = sorted({r["k"] for r in sel if r["k"] != r["n_truth"]})
             xs = [str(k) for k in fixed] + (["|truth|"] if has_truth else [])
@@ -157,7 +162,8 @@ def localization_figure(rows: Rows, title: str = "") -> plt.Figure:
             ax2.step([r["units_to_flip"] for r in units], [(j + 1) / n_all for j in range(len(units))], where="post",
                      color=cmap(i), label=m)
     ax1.set(xlabel="k", ylabel="precision@k vs ETD's truth (median)", ylim=(0, 1.02),
-            title="precision@k: noisy (solid), clean (dashed)" if has_truth else "no ETD: no truth to score")
+            title=("precision@k: noisy (solid), clean (dashed)" + (", rare (dotted)" if any(
+                r["target_kind"] == "rare" for r in rows) else "")) if has_truth else "no ETD: no truth to score")
     ax2.set(xlabel="units zeroed in rank order", ylabel="fraction of noisy targets flipped", xscale="log",
             title="units to flip (CDF)")
     for ax in (ax1, ax2):

@@ -26,10 +26,16 @@ def final_metrics(evals: Rows) -> dict[str, float]:
     return epoch_metrics([r for r in evals if r["epoch"] == last])
 
 
-def units_to_flip(rows: Rows, method: str, noisy: bool) -> list[float]:
+def target_kind(r: dict[str, Any]) -> str:
+    """A flip or localization row's target kind: noisy, clean (typical, when scores are named) or
+    rare (rows written before rare targets existed: noisy or clean by is_noisy)."""
+    return r.get("target_kind") or ("noisy" if r["is_noisy"] else "clean")
+
+
+def units_to_flip(rows: Rows, method: str, kind: str) -> list[float]:
     """Units zeroed per target of one method and kind; a target not flipped counts as infinite."""
     return [r["n_units"] if r["flipped"] else math.inf for r in rows
-            if r["method"] == method and r["is_noisy"] == noisy]
+            if r["method"] == method and target_kind(r) == kind]
 
 
 def layer_summary(tables: dict[str, Rows]) -> dict[str, float]:
@@ -77,8 +83,8 @@ def flip_summary(rows: Rows) -> dict[str, float]:
     post-edit test accuracy. Keys like 'flip/greedy/noisy/median_units'."""
     out: dict[str, float] = {}
     for method in FLIP_METHODS:
-        for kind, noisy in (("noisy", True), ("clean", False)):
-            n = units_to_flip(rows, method, noisy)
+        for kind in ("noisy", "clean", "rare"):
+            n = units_to_flip(rows, method, kind)
             if not n:
                 continue
             med = statistics.median(n)
@@ -86,5 +92,5 @@ def flip_summary(rows: Rows) -> dict[str, float]:
             out[f"{key}/median_units"] = med if math.isfinite(med) else math.nan
             out[f"{key}/flipped_frac"] = sum(math.isfinite(v) for v in n) / len(n)
             out[f"{key}/median_post_test_acc"] = statistics.median(
-                r["post_test_acc"] for r in rows if r["method"] == method and r["is_noisy"] == noisy)
+                r["post_test_acc"] for r in rows if r["method"] == method and target_kind(r) == kind)
     return out

@@ -130,11 +130,28 @@ def write_local(path: str | os.PathLike, data: bytes) -> str:
     return atomic_write(pafs.LocalFileSystem(), os.path.abspath(path), data)
 
 
-def write_fragment(results: str, table: str, sweep: str, key: str, rows: Iterable[dict[str, Any]]) -> str:
-    """Atomically (over)write one fragment."""
+def write_fragment(results: str, table: str, sweep: str, key: str, rows: Iterable[dict[str, Any]] | pa.Table) -> str:
+    """Atomically (over)write one fragment: rows, or an Arrow table with the declared schema."""
     fs, base = filesystem(results)
-    data = to_table(table, rows)
+    data = rows if isinstance(rows, pa.Table) else to_table(table, rows)
+    if not data.schema.equals(SCHEMAS[table]):
+        raise ValueError(f"a {table} fragment must have the declared schema {SCHEMAS[table]}, not {data.schema}")
     return atomic_write(fs, fragment_path(base, table, sweep, key), lambda f: pq.write_table(data, f))
+
+
+def read_predictions(results: str, sweep: str, keys: list[str]) -> tuple[Any, list[int]]:
+    """A scoring sweep's models, in model order: ((K, N) int16 predictions, subset seeds), read as
+    Arrow buffers (no Python object per prediction)."""
+    import numpy as np
+
+    fs, base = filesystem(results)
+    parts = [pq.read_table(fragment_path(base, "memscore_models", sweep, k), filesystem=fs,
+                           columns=["model_index", "subset_seed", "predictions"]) for k in keys]
+    t = pa.concat_tables(parts).sort_by("model_index")
+    lists = t.column("predictions").combine_chunks()
+    n = len(lists[0]) if len(lists) else 0
+    preds = lists.flatten().to_numpy().reshape(len(lists), n).astype(np.int16, copy=False)
+    return preds, t.column("subset_seed").to_pylist()
 
 
 def write_bytes(results: str, relpath: str, data: bytes) -> str:
@@ -195,6 +212,37 @@ class TrialStore:
 
     def read_snapshot(self, epoch: int) -> bytes:
         return read_bytes(self.results, self._snapshot_rel(epoch))
+
+
+def read_memscores(results: str, sweep: str, columns: list[str] | None = None) -> pa.Table:
+    """A scoring sweep's `memscores` (one fragment, named after the sweep); a clear error when the
+    sweep has none."""
+    rel = fragment_rel("memscores", sweep, sweep)
+    if not exists(results, rel):
+        raise ValueError(f"memscores={sweep!r} is invalid: no memorization scores of that sweep under {results} "
+                         f"(compute them first: python -m sweeps.memorization_scores --name {sweep} "
+                         f"--results-dir {results})")
+    fs, base = filesystem(results)
+    return pq.read_table(f"{base}/{rel}", filesystem=fs, columns=columns)
+
+
+MEMSCORES_MATCH = ("dataset", "noise_rate", "noise_kind", "data_seed")  # EXPERIMENTS.md section 8
+
+
+def check_memscores(results: str, sweep: str, data, n_train: int | None = None) -> None:
+    """The scores a grid names must be of its data: the same dataset, noise rate and kind, data
+    seed (and, when given, training-set size). Raises ValueError naming the first that differs."""
+    t = read_memscores(results, sweep, list(MEMSCORES_MATCH))
+    first = t.slice(0, 1).to_pylist()[0] if t.num_rows else {}
+    for name in MEMSCORES_MATCH:
+        theirs, ours = first.get(name), getattr(data, name)
+        same = (theirs is not None and abs(theirs - ours) < 1e-12) if name == "noise_rate" else theirs == ours
+        if not same:
+            raise ValueError(f"memscores={sweep!r} does not match: its {name} is {theirs!r}, the trial's is {ours!r} "
+                             f"(scores are per example of one noisy training set: score the same data)")
+    if n_train is not None and t.num_rows != n_train:
+        raise ValueError(f"memscores={sweep!r} does not match: it scores {t.num_rows} training examples, the "
+                         f"trial's training set has {n_train} (train_limit)")
 
 
 def default_mlflow_uri(results: str) -> str:

@@ -89,6 +89,22 @@ def check_runtime(args) -> None:
         raise UsageError(f"--analysis-workers={args.analysis_workers} is invalid: an integer >= 0")
 
 
+def check_memscores(args, configs: list[ExperimentConfig]) -> None:
+    """The scores a grid names (--memscores) exist and are of every trial's data (dataset, noise
+    rate and kind, data seed, training-set size)."""
+    from .plan import TRAIN_SIZE
+
+    for c in configs:
+        name = c.analyses.memscores
+        if name is None:
+            continue
+        try:
+            tables.check_name("sweep", name)
+            tables.check_memscores(args.results_dir, name, c.data, c.data.train_limit or TRAIN_SIZE[c.data.dataset])
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
+
+
 def grid_file(sweep: str) -> str:
     return f"sweeps/{sweep}.grid.json"
 

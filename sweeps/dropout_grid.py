@@ -13,11 +13,13 @@ import copy
 import itertools
 import sys
 
+from memray import tables
 from memray.config import ANALYSES, NOISE_KINDS, ConfigError, ExperimentConfig
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
 from .cli import (
     UsageError,
+    check_memscores,
     add_localize_flags,
     add_runtime_flags,
     check_resume,
@@ -47,6 +49,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", help="peak learning rates (an axis), e.g. 0.05,0.1")
     p.add_argument("--seeds"), p.add_argument("--epochs", type=int)
     p.add_argument("--analyses", help=f"comma-separated from {list(ANALYSES)}, or 'none'")
+    p.add_argument("--memscores", metavar="SWEEP",
+                   help="a memorization-score sweep of the same data (python -m sweeps.memorization_scores): "
+                        "rare flip and localization targets, findings 5b and 8a-8b")
+    p.add_argument("--rare-threshold", type=float,
+                   help="score from which a clean example is rare (with --memscores) [0.25]")
     add_localize_flags(p)
     add_runtime_flags(p)
     return p
@@ -75,6 +82,20 @@ def build_configs(args) -> list[ExperimentConfig]:
         raise UsageError(f"--epochs={args.epochs} is invalid: an integer >= 1")
     base = copy.deepcopy(pr.get("base", {}))
     base.setdefault("analyses", {}).update(localize_overrides(args))
+    if args.rare_threshold is not None and args.memscores is None:
+        raise UsageError(f"--rare-threshold={args.rare_threshold} is invalid without --memscores: rare examples "
+                         f"are defined by memorization scores")
+    if args.memscores is not None:
+        try:
+            tables.check_name("sweep", args.memscores)
+        except ValueError:
+            raise UsageError(f"--memscores={args.memscores!r} is invalid: a scoring sweep's name (letters, digits, "
+                             f"'_', '-', '.')") from None
+        base["analyses"]["memscores"] = args.memscores
+        if args.rare_threshold is not None:
+            if not 0 < args.rare_threshold <= 1:
+                raise UsageError(f"--rare-threshold={args.rare_threshold} is invalid: a number in (0, 1]")
+            base["analyses"]["rare_threshold"] = args.rare_threshold
     configs: dict[str, ExperimentConfig] = {}
     for ds, arch, width, noise, kind_of_noise, seed, lr in itertools.product(
             axes["datasets"], axes["archs"], axes["widths"], axes["noise"], axes["noise_kind"], axes["seeds"],
@@ -123,6 +144,7 @@ def main(argv=None) -> int:
             print_dry_run(configs, args, resources(args.cpus_per_trial, args.gpus_per_trial,
                                                    args.analysis_workers).bundles)
             return 0
+        check_memscores(args, configs)
         run_id = check_resume(args, configs)
         for ds in sorted({c.data.dataset for c in configs}):
             prepare(ds, args.data_dir or default_data_dir(), download=args.download)

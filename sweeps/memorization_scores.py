@@ -180,23 +180,23 @@ def reduce(args, configs: list[ScoreConfig]) -> dict[str, float]:
 
     torch.set_num_threads(1)
     cfg = configs[0]
-    model_rows = [r for c in configs for r in tables.read_fragment(args.results_dir, "memscore_models", args.name,
-                                                                   c.trial_key)]
+    preds, seeds = tables.read_predictions(args.results_dir, args.name, [c.trial_key for c in configs])
     data = load_data(cfg.data, args.data_dir)
-    rows = memscores.score_table(args.name, cfg, data, model_rows)
+    rows = memscores.score_table(args.name, cfg, data, preds, seeds)
+    k = len(seeds)
     tables.write_fragment(args.results_dir, "memscores", args.name, args.name, rows)
     s = memscores.summary(rows)
     figures = {"scores": plots.png(plots.scores_figure(
         {"noisy": [r["score"] for r in rows if r["is_noisy"] and r["score"] is not None],
          "clean": [r["score"] for r in rows if not r["is_noisy"] and r["score"] is not None]},
-        f"{args.name}: {cfg.data.dataset} {cfg.arch}, K={len(model_rows)}, r={cfg.subset_fraction:g}", 0.25))}
+        f"{args.name}: {cfg.data.dataset} {cfg.arch}, K={k}, r={cfg.subset_fraction:g}", 0.25))}
     top = memscores.top_clean_figure(rows, data, args.name)
     if top is not None:
         figures["top_scoring"] = top
     for name, png in figures.items():
         tables.write_bytes(args.results_dir, f"figures/sweep={args.name}/{args.name}/{name}.png", png)
     print(f"memscores: {len(rows)} examples, {int(s['scored'])} scored (held in and out at least once), "
-          f"K = {len(model_rows)}, r = {cfg.subset_fraction:g}")
+          f"K = {k}, r = {cfg.subset_fraction:g}")
     print(f"  median stderr {s['median_stderr']:.4f} (noisy examples: {s['noisy_median_stderr']:.4f})")
     print(f"  median score: noisy {s['noisy_median_score']:.3f}, clean {s['clean_median_score']:.3f}; "
           f"noisy > clean, one-sided Mann-Whitney p = {s['noisy_gt_clean_p']:.3g}")
@@ -204,7 +204,7 @@ def reduce(args, configs: list[ScoreConfig]) -> dict[str, float]:
     print(f"\nTable:      {args.results_dir}/tables/memscores/sweep={args.name}/{args.name}.parquet")
     print(f"Figures:    {args.results_dir}/figures/sweep={args.name}/{args.name}/")
     print(f"Use:        python -m sweeps.dropout_grid --memscores {args.name} --results-dir {args.results_dir}")
-    log_mlflow(args, cfg, len(model_rows), s, figures)
+    log_mlflow(args, cfg, k, s, figures)
     return s
 
 

@@ -47,3 +47,51 @@ def test_stacked_training_equals_one_at_a_time(digits):
             assert (stacked[name][k] - v).abs().max().item() <= 1e-9, name
     # the models differ from each other (own subset, order and init)
     assert not torch.equal(stacked["head.weight"][0], stacked["head.weight"][1])
+
+
+def test_stacked_vmap_path_equals_one_at_a_time_for_a_conv_net(digits):
+    """Stackable models other than the mlp (no BatchNorm: lenet) train through torch.func's vmap;
+    the same equality holds (2 models, 1 epoch, float64)."""
+    x, y = digits.x_train[:96].double(), digits.y_train[:96]
+    recipe = M.Recipe(arch="lenet", width=4, epochs=1, batch_size=32)
+    seeds = M.model_seeds(2, base_seed=5)
+    run = M.Stacked(recipe, seeds, x, y, 10)
+    assert not run.bmm
+    preds, stacked = M.train_stacked(recipe, seeds, x, y, 10)
+    for k, s in enumerate(seeds):
+        p1, params = M.train_one(recipe, s, x, y, 10)
+        assert torch.equal(preds[k], p1)
+        for name, v in params.items():
+            assert (stacked[name][k] - v).abs().max().item() <= 1e-9, name
+
+
+def test_batchnorm_models_train_one_at_a_time():
+    assert M.stackable(M.Recipe(arch="mlp", width=8), (1, 8, 8), 10)
+    assert M.stackable(M.Recipe(arch="lenet", width=4), (1, 8, 8), 10)
+    assert not M.stackable(M.Recipe(arch="resnet9", width=8), (1, 8, 8), 10)
+
+
+def test_a_scoring_run_resumed_from_its_state_ends_with_the_same_predictions(digits, tmp_path):
+    """ScoringRun saved after 2 of 4 epochs and restored into a fresh run: the same predictions
+    as the uninterrupted run, stacked and one at a time (a conv net with BatchNorm)."""
+    from memray.config import DataConfig, ScoreConfig
+
+    data = digits
+    for arch, width in (("mlp", 16), ("resnet9", 4)):
+        cfg = ScoreConfig(data=DataConfig(dataset="digits", noise_rate=0.1), arch=arch, width=width, epochs=4,
+                          count=2).validate()
+        whole = M.ScoringRun(cfg, data)
+        for _ in whole.steps():
+            pass
+        part = M.ScoringRun(cfg, data)
+        steps = part.steps()
+        next(steps)
+        part.save(tmp_path / "state.pt")
+        again = M.ScoringRun(cfg, data)
+        again.restore(tmp_path / "state.pt")
+        assert again.restored_from == 1 and again.stacked == (arch == "mlp")
+        for _ in again.steps():
+            pass
+        assert torch.equal(again.predictions(), whole.predictions()), arch
+        t = again.table("s")
+        assert t.column("model_index").to_pylist() == [0, 1] and len(t.column("predictions")[0]) == 1400

@@ -36,6 +36,8 @@ def test_every_table_reads_with_its_declared_schema(tiny_sweep):
     expected = {"sweeps": 1, "trials": 2, "evals": 3 * 4 + 3 * 11, "gradients": 2 * 3 * 4,
                 "retraining": 2 * 4 * 4, "etd_examples": 1400}
     for table, schema in SCHEMAS.items():
+        if table in ("memscore_models", "memscores"):  # a scoring sweep's: tests/test_memscore_sweep.py
+            continue
         files = sorted(glob.glob(f"{results}/tables/{table}/sweep=t1/*.parquet"))
         assert files, table
         for f in files:  # pyarrow: every fragment holds exactly the declared schema

@@ -53,7 +53,6 @@ def score_trial(config: dict[str, Any]) -> None:
             last = time.monotonic()
         else:
             tune.report(metrics)
-    tables.write_fragment(results, "memscore_models", sweep, key,
-                          ({"sweep": sweep, "trial_key": key, **r} for r in run.rows()))
+    tables.write_fragment(results, "memscore_models", sweep, key, run.table(sweep))
     tune.report({**base, "phase": "done", "step": run.step, "steps": run.n_steps, "models_done": cfg.count,
                  "wall_s": time.time() - t0})

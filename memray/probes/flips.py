@@ -41,6 +41,7 @@ __all__ = ["FlipError", "FlipSearch", "fixed_samples", "flip_rows", "post_edit",
 @dataclass
 class FlipResult:
     example_id: int
+    target_kind: str  # noisy, clean or rare
     is_noisy: bool
     given_label: int
     true_label: int
@@ -51,7 +52,7 @@ class FlipResult:
     post: dict[str, float]  # the same samples after the edit
 
     def row(self) -> dict[str, Any]:
-        out = {"example_id": self.example_id, "target_kind": "noisy" if self.is_noisy else "clean",
+        out = {"example_id": self.example_id, "target_kind": self.target_kind,
                "is_noisy": self.is_noisy, "given_label": self.given_label, "true_label": self.true_label,
                "method": self.method, "flipped": self.flipped, "n_units": len(self.units),
                "units": [{"site": s, "unit": u} for s, u in self.units]}
@@ -64,7 +65,10 @@ class FlipResult:
 def select_targets(model: SiteModel, data: Data, n_noisy: int, n_clean: int, n_reference: int, seed: int,
                    etd: ExampleTiedDropout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(target ids, reference ids): seeded samples of the noisy and clean training examples the
-    model predicts with their given label, and a clean reference batch disjoint from the targets."""
+    model predicts with their given label, and a clean reference batch disjoint from the targets.
+    With rare examples marked (`data.rare_mask`), the clean targets are typical ones (not rare)
+    and as many rare targets follow them, drawn after the others (the noisy and clean draws are
+    unchanged)."""
     base = base_masks(etd)
     pred = predict(model, data.x_train, (lambda i: base) if base is not None else None).argmax(1).cpu()
     ok = pred == data.y_train.cpu()
@@ -75,10 +79,16 @@ def select_targets(model: SiteModel, data: Data, n_noisy: int, n_clean: int, n_r
     noisy_ids = noisy_ids[torch.randperm(len(noisy_ids), generator=g)][:n_noisy]
     perm = clean_ids[torch.randperm(len(clean_ids), generator=g)]
     clean_t = perm[:n_clean]
+    rare_t = clean_t[:0]
+    if data.rare_mask is not None:
+        rare = data.rare_mask.cpu()
+        clean_t = perm[~rare[perm]][:n_clean]
+        rare_ids = torch.nonzero(ok & rare).flatten()
+        rare_t = rare_ids[torch.randperm(len(rare_ids), generator=g)][:n_clean]
     all_clean = torch.nonzero(~noisy).flatten()
-    pool = all_clean[~torch.isin(all_clean, clean_t)]
+    pool = all_clean[~torch.isin(all_clean, torch.cat([clean_t, rare_t]))]
     ref = pool[torch.randperm(len(pool), generator=g)][:n_reference]
-    return torch.cat([noisy_ids, clean_t]), ref.sort().values
+    return torch.cat([noisy_ids, clean_t, rare_t]), ref.sort().values
 
 
 def fixed_samples(data: Data, n: int, seed: int) -> dict[str, torch.Tensor]:
@@ -153,6 +163,6 @@ def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids
         model.train(was_training)
     rows = []
     for t, (units, flipped), p in zip(tg.tolist(), res, post):
-        rows.append(FlipResult(t, bool(data.noise_mask[t]), int(data.y_train[t]), int(data.y_true[t]), method,
+        rows.append(FlipResult(t, data.target_kind(t), bool(data.noise_mask[t]), int(data.y_train[t]), int(data.y_true[t]), method,
                                flipped, units, pre, p).row())
     return rows

@@ -341,7 +341,7 @@ def localization_rows(model: SiteModel, data: Data, targets: torch.Tensor, refer
                     zeroed[top] = True
                     ref_acc, test_acc = loc.after_zeroing(zeroed[None])
                     hit = int(truth[i][top].sum()) if truth is not None else None
-                    rows.append({"example_id": t, "target_kind": "noisy" if bool(data.noise_mask[t]) else "clean",
+                    rows.append({"example_id": t, "target_kind": data.target_kind(t),
                                  "mode": "own" if etd is not None else "plain", "method": method, "k": int(k),
                                  "n_candidates": int(n_cand[i]), "n_truth": n_truth,
                                  "precision": hit / k if hit is not None else None,

@@ -1,0 +1,184 @@
+"""The memorization-score sweep (EXPERIMENTS.md section 8) through Ray Tune, and a grid sweep that
+uses its scores: bad input, the tables, kill-and-resume, rare targets and findings 5b/8a/8b."""
+import glob
+import json
+import os
+import signal
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from memray import tables
+
+from .conftest import PY, run_cli
+from .conftest import q as rows
+from .test_sweep_reliability import finish, start, wait_for
+
+SCORE = "sweeps.memorization_scores"
+
+
+def _nothing_written(results) -> bool:
+    return not os.path.exists(results) or not glob.glob(f"{results}/**/*.parquet", recursive=True)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--models", "1"], "--models=1 is invalid: an integer >= 2"),
+    (["--subset-fraction", "1.0"], "--subset-fraction=1.0 is invalid: a number in the open interval (0, 1)"),
+    (["--subset-fraction", "0"], "--subset-fraction=0.0 is invalid"),
+    (["--dataset", "imagenet"], "--dataset='imagenet' is invalid: one of ["),
+    (["--noise", "1.5"], "--noise=1.5 is invalid: a number in [0, 1)"),
+    (["--preset", "huge"], "--preset='huge' is invalid"),
+    (["--models-per-trial", "0"], "--models-per-trial=0 is invalid"),
+])
+def test_bad_scoring_input_exits_2_and_writes_nothing(tmp_path, flags, needle):
+    results = tmp_path / "r"
+    p = run_cli("--preset", "tiny", *flags, "--results-dir", str(results), module=SCORE, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert needle in p.stderr, p.stderr
+    assert not os.path.exists(results)
+
+
+def _fake_scores(results, name, **meta):
+    """A `memscores` fragment in the real format (what the reduce step writes), for the checks
+    that read only its metadata."""
+    base = {"dataset": "digits", "noise_rate": 0.1, "noise_kind": "label", "data_seed": 0, "arch": "mlp"}
+    base.update(meta)
+    n = base.pop("n", 1400)
+    tables.write_fragment(str(results), "memscores", name, name,
+                          [{"sweep": name, **base, "example_id": i, "is_noisy": False, "score": 0.0} for i in range(n)])
+
+
+@pytest.mark.parametrize("meta, flags, needle", [
+    ({}, ["--memscores", "missing"], "--memscores='missing' is invalid: no memorization scores of that sweep"),
+    ({"noise_rate": 0.2}, [], "its noise_rate is 0.2, the trial's is 0.1"),
+    ({"dataset": "mnist1d"}, [], "its dataset is 'mnist1d', the trial's is 'digits'"),
+    ({"data_seed": 3}, [], "its data_seed is 3, the trial's is 0"),
+    ({"noise_kind": "placebo"}, [], "its noise_kind is 'placebo', the trial's is 'label'"),
+    ({"n": 700}, [], "it scores 700 training examples, the trial's training set has 1400"),
+    ({}, ["--rare-threshold", "0"], "--rare-threshold=0.0 is invalid: a number in (0, 1]"),
+    ({}, ["--memscores", "../x"], "--memscores='../x' is invalid"),
+])
+def test_grid_naming_mismatched_scores_exits_2_and_writes_nothing(tmp_path, meta, flags, needle):
+    results = tmp_path / "r"
+    _fake_scores(results, "s", **meta)
+    before = sorted(glob.glob(f"{results}/**/*", recursive=True))
+    args = ["--memscores", "s", *flags] if "--memscores" not in flags else flags
+    p = run_cli("--preset", "tiny", *args, "--results-dir", str(results), "--name", "g", timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert needle in p.stderr, p.stderr
+    assert sorted(glob.glob(f"{results}/**/*", recursive=True)) == before
+
+
+def test_rare_threshold_needs_scores(tmp_path):
+    p = run_cli("--preset", "tiny", "--rare-threshold", "0.3", "--results-dir", str(tmp_path / "r"), timeout=60)
+    assert p.returncode == 2 and "--rare-threshold=0.3 is invalid without --memscores" in p.stderr
+    assert not os.path.exists(tmp_path / "r")
+
+
+# ----------------------------------------------------------------------------- real sweeps
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory):
+    """The tiny scoring sweep, uninterrupted: 8 models, 2 trials of 4."""
+    results = tmp_path_factory.mktemp("ms") / "r"
+    p = run_cli("--preset", "tiny", "--results-dir", str(results), "--name", "ms", module=SCORE)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return results, p.stdout
+
+
+def _scores_table(results, name):
+    return pq.read_table(f"{results}/tables/memscores/sweep={name}/{name}.parquet").sort_by("example_id")
+
+
+@pytest.mark.slow
+def test_scoring_sweep_writes_its_tables_figures_and_mlflow_run(scores):
+    results, out = scores
+    models = rows(results, "memscore_models", "select model_index, subset_seed, len(predictions) from t "
+                                              "order by model_index")
+    assert [m[0] for m in models] == list(range(8)) and all(m[2] == 1400 for m in models)
+    assert len({m[1] for m in models}) == 8
+    assert pq.read_schema(glob.glob(f"{results}/tables/memscore_models/sweep=ms/*.parquet")[0]).field(
+        "predictions").type.value_type == "int16"
+    t = _scores_table(results, "ms")
+    assert t.num_rows == 1400 and t.schema.remove_metadata() == tables.SCHEMAS["memscores"]
+    d = t.to_pydict()
+    assert set(d["models"]) == {8} and set(d["subset_fraction"]) == {0.7}
+    for i in range(1400):  # every model holds each example in or out
+        assert d["n_in"][i] + d["n_out"][i] == 8
+        if d["n_in"][i] == 0 or d["n_out"][i] == 0:
+            assert d["score"][i] is None and d["stderr"][i] is None
+        else:
+            assert d["score"][i] == pytest.approx(d["acc_in"][i] - d["acc_out"][i])
+    # the scores' own check, on real models: noisy examples score higher than clean ones
+    assert "noisy > clean, one-sided Mann-Whitney p = " in out
+    p = float(out.split("one-sided Mann-Whitney p = ")[1].split()[0])
+    assert p < 0.05
+    for name in ("scores", "top_scoring"):
+        assert os.path.getsize(f"{results}/figures/sweep=ms/ms/{name}.png") > 1000
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{results}/mlflow.db")
+    run = c.search_runs([c.get_experiment_by_name("ms").experiment_id])[0]
+    assert run.data.metrics["models"] == 8 and run.data.metrics["noisy_gt_clean_p"] == pytest.approx(p, rel=1e-2)
+    assert run.data.params["subset_fraction"] == "0.7" and run.info.status == "FINISHED"
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "figures")} == {"figures/scores.png",
+                                                                              "figures/top_scoring.png"}
+
+
+@pytest.mark.slow
+def test_killed_scoring_driver_resumes_to_the_uninterrupted_scores(scores, tmp_path):
+    """SIGKILL the driver once every trial has checkpointed and none has finished, then --resume:
+    the trials continue from their checkpoints and `memscores` equals the uninterrupted run's."""
+    ref, _ = scores
+    results = tmp_path / "r"
+    args = ["--preset", "tiny", "--epochs", "120", "--checkpoint-s", "0", "--results-dir", str(results),
+            "--name", "ms"]
+    proc = start(SCORE, *args)
+
+    def checkpointed():
+        folders = glob.glob(f"{results}/ray/ms/score_trial_*")
+        return len(folders) == 2 and all(glob.glob(f"{f}/checkpoint_*") for f in folders)
+
+    wait_for(checkpointed, proc, what="checkpoints")
+    proc.kill()
+    proc.communicate()
+    time.sleep(2)  # the killed driver's Ray processes exit with it
+    assert not glob.glob(f"{results}/tables/memscores/*/*.parquet")
+    rc, out, err = finish(start(SCORE, *args, "--resume"))
+    assert rc == 0, out[-2000:] + err[-3000:]
+    restored = [json.loads(line).get("restored_from", 0) for f in glob.glob(f"{results}/ray/ms/score_trial_*/result.json")
+                for line in open(f).read().splitlines() if line.strip()]
+    assert max(restored) > 0  # continued from a checkpoint, not from scratch
+    # the same models as an uninterrupted run of 120 epochs
+    want = run_cli(*args[:-4], "--results-dir", str(tmp_path / "u"), "--name", "ms", module=SCORE)
+    assert want.returncode == 0, want.stderr[-3000:]
+    got, exp = _scores_table(results, "ms"), _scores_table(tmp_path / "u", "ms")
+    assert got.equals(exp)
+    assert rows(results, "memscore_models", "select count(*), count(distinct model_index) from t") == [(8, 8)]
+    assert not glob.glob(f"{results}/tables/*/*/.tmp-*")
+
+
+@pytest.mark.slow
+def test_grid_with_scores_has_rare_targets_and_findings(scores):
+    results, _ = scores
+    p = run_cli("--preset", "tiny", "--epochs", "20", "--widths", "128", "--analyses", "flip,localize",
+                "--memscores", "ms", "--results-dir", str(results), "--name", "g")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rare = {r[0] for r in rows(results, "memscores", "select example_id from t where sweep = 'ms' and not is_noisy "
+                                                     "and score >= 0.25")}
+    kinds = rows(results, "flips", "select target_kind, example_id from t where sweep = 'g'")
+    assert {k for k, _ in kinds} == {"noisy", "clean", "rare"}
+    assert all((i in rare) == (k == "rare") for k, i in kinds if k != "noisy")
+    loc = rows(results, "localization", "select distinct target_kind, example_id from t where sweep = 'g'")
+    assert all(i in rare for k, i in loc if k == "rare") and any(k == "rare" for k, _ in loc)
+    out = run_cli("--results-dir", str(results), "--sweep", "g", "--format", "json", module="analysis.findings")
+    assert out.returncode == 0, out.stderr
+    verdicts = {(v["id"], v["cell"].split("-")[2].split()[0]): v for v in json.loads(out.stdout)}
+    assert verdicts[("8a", "plain")]["verdict"] == "agree"  # noisy above clean, p far below 0.05
+    for fid, cell in (("8b", "plain"), ("5b", "etd")):  # judged (too few targets in a tiny grid), not skipped
+        assert "no memorization scores" not in verdicts[(fid, cell)]["verdict"], verdicts[(fid, cell)]
+    page = run_cli("--results-dir", str(results), "--sweep", "g", "--out", str(results / "report"),
+                   module="analysis.report")
+    assert page.returncode == 0, page.stderr
+    html = open(results / "report" / "index.html").read()
+    assert "Memorization scores: ms" in html and 'alt="5b scores"' in html and 'alt="top-scoring examples"' in html
