@@ -85,7 +85,7 @@ def cell_figures(store: Store, cell: Cell) -> list[str]:
                     if not r["is_noisy"] and r["own_correct"] and s is not None:
                         groups["kept by drop" if r["drop_correct"] else "forgotten by drop"].append(s)
             figs.append(_img(plots.png(plots.scores_figure(
-                groups, f"{cell.name}: clean examples right under own, scores ({cell.memscores})")), "5b scores"))
+                groups, f"{cell.name}: 5b, clean examples right under own ({cell.memscores})")), "5b scores"))
     return figs
 
 
@@ -96,7 +96,8 @@ def scores_section(store: Store, cells: list[Cell]) -> tuple[str, int]:
     for name in sorted({c.memscores for c in cells if c.scores is not None}):
         rows = next(c.scores for c in cells if c.memscores == name).values()
         meta = store.rows("select any_value(models) k, any_value(subset_fraction) r, any_value(arch) arch, "
-                          "median(stderr) se from memscores where sweep = ?", [name])[0]
+                          "median(stderr) se, median(stderr) filter (stderr > 0) se_pos, "
+                          "count(*) filter (stderr > 0) n_pos from memscores where sweep = ?", [name])[0]
         figs = [_img(plots.png(plots.scores_figure(
             {"noisy": [r["score"] for r in rows if r["is_noisy"] and r["score"] is not None],
              "clean": [r["score"] for r in rows if not r["is_noisy"] and r["score"] is not None]},
@@ -105,7 +106,9 @@ def scores_section(store: Store, cells: list[Cell]) -> tuple[str, int]:
         if tables.exists(store.results, rel):
             figs.append(_img(tables.read_bytes(store.results, rel), "top-scoring examples"))
         n += len(figs)
-        out.append(f"<h3>Memorization scores: {html.escape(name)} (median stderr {meta['se']:.3f})</h3>"
+        se_pos = f"{meta['se_pos']:.3f}" if meta["se_pos"] is not None else "n/a"
+        out.append(f"<h3>Memorization scores: {html.escape(name)} (median stderr {meta['se']:.3f}; "
+                   f"{se_pos} over the {meta['n_pos']} examples whose models do not all agree)</h3>"
                    f"<div class='figs'>{''.join(figs)}</div>")
     return "".join(out), n
 

@@ -348,6 +348,11 @@ def summary(rows: list[dict], rare_threshold: float = 0.25) -> dict[str, float]:
            "scored": float(len(ok)), "median_stderr": float(np.median([r["stderr"] for r in ok])) if ok else math.nan,
            "noisy_median_stderr": (float(np.median([r["stderr"] for r in ok if r["is_noisy"]]))
                                    if noisy else math.nan),
+           # most examples are right (or wrong) in every model, in and out: their stderr is 0
+           "varied": float(sum(r["stderr"] > 0 for r in ok)),
+           "varied_median_stderr": (float(np.median([r["stderr"] for r in ok if r["stderr"] > 0]))
+                                    if any(r["stderr"] > 0 for r in ok) else math.nan),
+           "max_stderr": max((r["stderr"] for r in ok), default=math.nan),
            "noisy_median_score": float(np.median(noisy)) if noisy else math.nan,
            "clean_median_score": float(np.median(clean)) if clean else math.nan,
            "rare": float(sum(s >= rare_threshold for s in clean))}
@@ -356,7 +361,7 @@ def summary(rows: list[dict], rare_threshold: float = 0.25) -> dict[str, float]:
     return out
 
 
-def top_clean_figure(rows: list[dict], data: Data, title: str, n: int = 12) -> bytes | None:
+def top_clean_figure(rows: list[dict], data: Data, title: str, n: int = 10) -> bytes | None:
     """The top-scoring clean examples (the rarest: right mostly when trained on) above the
     highest-scoring noisy ones, drawn from the data; captions: id, given label, score."""
     from . import plots

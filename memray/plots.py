@@ -367,7 +367,7 @@ def trial_figures(tables: dict[str, Rows], title: str = "") -> dict[str, bytes]:
 def scores_figure(groups: dict[str, list[float]], title: str = "", threshold: float | None = None) -> plt.Figure:
     """Memorization-score distributions, one histogram per group (e.g. noisy vs clean examples,
     or the clean examples ETD's `drop` forgets vs those it keeps), each normalised to its own count."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
     bins = [i / 20 - 1 for i in range(41)]  # scores lie in [-1, 1]
     for (label, values), color in zip(groups.items(), (NOISY, CLEAN, "#7f7f7f", "#2ca02c")):
         v = [x for x in values if x == x]
@@ -380,6 +380,6 @@ def scores_figure(groups: dict[str, list[float]], title: str = "", threshold: fl
     ax.set_ylabel("fraction of the group")
     ax.set_xlim(-0.5, 1.0)
     ax.legend(fontsize=8)
-    ax.set_title(title or "Memorization scores")
+    ax.set_title(title or "Memorization scores", fontsize=10)
     fig.tight_layout()
     return fig

@@ -197,7 +197,9 @@ def reduce(args, configs: list[ScoreConfig]) -> dict[str, float]:
         tables.write_bytes(args.results_dir, f"figures/sweep={args.name}/{args.name}/{name}.png", png)
     print(f"memscores: {len(rows)} examples, {int(s['scored'])} scored (held in and out at least once), "
           f"K = {k}, r = {cfg.subset_fraction:g}")
-    print(f"  median stderr {s['median_stderr']:.4f} (noisy examples: {s['noisy_median_stderr']:.4f})")
+    print(f"  median stderr {s['median_stderr']:.4f} (noisy examples: {s['noisy_median_stderr']:.4f}); "
+          f"{s['varied_median_stderr']:.4f} over the {int(s['varied'])} examples whose models do not all agree "
+          f"(max {s['max_stderr']:.4f})")
     print(f"  median score: noisy {s['noisy_median_score']:.3f}, clean {s['clean_median_score']:.3f}; "
           f"noisy > clean, one-sided Mann-Whitney p = {s['noisy_gt_clean_p']:.3g}")
     print(f"  rare (clean, score >= 0.25): {int(s['rare'])}")
