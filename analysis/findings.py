@@ -517,16 +517,21 @@ def _auc(a: list[float], b: list[float]) -> float:
 
 
 def finding_5b(cell: Cell) -> Verdict:
-    """Clean examples right under `own` in a seed: those `drop` forgets vs those it keeps,
-    pooled as (seed, example) pairs; their memorization scores (one-sided Mann-Whitney, AUC)."""
+    """Clean examples right under `own` in at least one seed, each counted once (its score is one
+    value, so pooling (seed, example) pairs would count it once per seed): forgotten if `drop`
+    forgets it in more than half of the seeds where `own` had it right, else kept. Their
+    memorization scores: one-sided Mann-Whitney, and the AUC of the score as a predictor of
+    being forgotten."""
     if cell.scores is None:
         return inconclusive("5b", cell, "no memorization scores (run the grid with --memscores SWEEP)")
-    forgotten, kept = [], []
+    right, lost = defaultdict(int), defaultdict(int)  # example -> seeds own right, of those drop wrong
     for t in cell.seeds.values():
         for r in t.get("etd_examples", []):
             if not r["is_noisy"] and r["own_correct"]:
-                (kept if r["drop_correct"] else forgotten).append(r["example_id"])
-    a, b = _scored(cell, forgotten), _scored(cell, kept)
+                right[r["example_id"]] += 1
+                lost[r["example_id"]] += not r["drop_correct"]
+    forgotten = sorted(i for i in right if 2 * lost[i] > right[i])
+    a, b = _scored(cell, forgotten), _scored(cell, sorted(i for i in right if 2 * lost[i] <= right[i]))
     if min(len(a), len(b)) < MIN_TARGETS:
         return inconclusive("5b", cell, f"{len(a)} forgotten / {len(b)} kept scored clean examples, need "
                                         f"{MIN_TARGETS}", n=len(a) + len(b))
@@ -696,8 +701,8 @@ FINDINGS: dict[str, Finding] = {
                   "own train_noisy >= 0.9; drop train_noisy <= 0.10; drop train_clean >= 0.9 x own's; drop test "
                   "- twin test >= -0.01 (t-intervals, paired by seed)", finding_5a),
     "5b": Finding("the clean examples drop forgets are atypical (higher memorization scores)", ("etd",), False,
-                  "scores of clean examples right under own: forgotten by drop above kept (one-sided Mann-Whitney "
-                  "p < 0.05 over (seed, example) pairs, >= 8 each) and AUC > 0.5", finding_5b),
+                  "scores of clean examples right under own: forgotten by drop (in most seeds) above kept (one-sided "
+                  "Mann-Whitney p < 0.05 over examples, >= 8 each) and AUC > 0.5", finding_5b),
     "7a": Finding("a localization method finds the units that hold a memorized label", ("etd",), False,
                   "precision@|truth| on noisy targets above mask_only's on the same targets (Wilcoxon) and above "
                   "its own on clean targets (Mann-Whitney); p (the larger) < 0.05 after Holm over methods",
@@ -707,7 +712,8 @@ FINDINGS: dict[str, Finding] = {
                   "the one with the fewest seconds per target passes 7a", finding_7b),
     "8a": Finding("noisy examples have higher memorization scores than clean ones", ("plain",), True,
                   "scores of the named scoring sweep: noisy above clean (one-sided Mann-Whitney p < 0.05, median "
-                  "noisy > median clean)", finding_8a),
+                  "noisy > median clean); judged once per scoring sweep, in the first plain cell naming it",
+                  finding_8a),
     "8b": Finding("rare examples flip with fewer units than typical clean ones", ("plain",), True,
                   "4a's rule for rare vs typical clean targets: greedy median ratio <= 0.75 and below random "
                   "order's; Mann-Whitney p < 0.05, >= 8 targets each", finding_8b),
@@ -717,9 +723,14 @@ FINDINGS: dict[str, Finding] = {
 def judge_sweep(cells: list[Cell]) -> list[Verdict]:
     """Every finding for every cell it judges, Holm-corrected over the placebo-gated tests."""
     out = []
+    scored: set[str] = set()  # 8a is a property of the scores: one test per scoring sweep
     for c in cells:
-        for spec in FINDINGS.values():
+        for fid, spec in FINDINGS.items():
             if c.kind in spec.cells:
+                if fid == "8a" and c.memscores is not None:
+                    if c.memscores in scored:
+                        continue
+                    scored.add(c.memscores)
                 v = spec.judge(c)
                 out += v if isinstance(v, list) else [v]
     gated = [v for v in out if v.gated and v.verdict != "inconclusive"]

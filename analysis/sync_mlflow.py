@@ -17,8 +17,8 @@ import json
 import sys
 
 from memray.mlflow_view import MlflowView
-from memray.summary import flip_summary, layer_summary, localization_summary
-from memray.tables import default_mlflow_uri
+from memray.summary import flip_summary, layer_summary, localization_summary, memscore_summary
+from memray.tables import default_mlflow_uri, exists, read_bytes
 
 from .findings import verdict_files
 from .store import StoreError, open_store
@@ -34,15 +34,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def sync_scores(store, results: str, uri: str, sweep: str) -> int:
+    """A scoring sweep's MLflow run from its `memscores` rows and figures; returns its model count."""
+    rows = store.rows("select * from memscores where sweep = ? order by example_id", [sweep])
+    first = rows[0]
+    params = {"data.dataset": first["dataset"], "data.noise_rate": first["noise_rate"],
+              "data.noise_kind": first["noise_kind"], "data.data_seed": first["data_seed"], "arch": first["arch"],
+              "width": first["width"], "subset_fraction": first["subset_fraction"], "models": first["models"]}
+    figures = {}
+    for name in ("scores", "top_scoring"):
+        rel = f"figures/sweep={sweep}/{sweep}/{name}.png"
+        if exists(results, rel):
+            figures[name] = read_bytes(results, rel)
+    MlflowView(uri, sweep).log_memscores(params, memscore_summary(rows), figures)
+    return int(first["models"])
+
+
 def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: bool = False) -> dict[str, int]:
-    """Log the sweeps' trials to MLflow; returns {sweep: trials synced}."""
+    """Log the sweeps' trials (a scoring sweep: its summary) to MLflow; returns {sweep: trials
+    (models) synced}."""
     store = open_store(results, skip_corrupt=skip_corrupt)
     known = [r["sweep"] for r in store.rows("select distinct sweep from trials order by sweep")]
-    unknown = [s for s in (sweeps or []) if s not in known]
+    scored = [r["sweep"] for r in store.rows("select distinct sweep from memscores order by sweep")]
+    unknown = [s for s in (sweeps or []) if s not in known + scored]
     if unknown:
-        raise ValueError(f"--sweep={unknown[0]!r} is invalid: sweeps with trials under {results}: {known}")
+        raise ValueError(f"--sweep={unknown[0]!r} is invalid: sweeps with trials or scores under {results}: "
+                         f"{known + scored}")
     out = {}
-    for sweep in sweeps or known:
+    for sweep in [s for s in sweeps or scored if s in scored]:
+        out[sweep] = sync_scores(store, results, uri, sweep)
+    for sweep in [s for s in sweeps or known if s in known]:
         view = MlflowView(uri, sweep)
         trials = store.rows("select trial_key, status, config_json, data_digest from trials where sweep = ? "
                             "order by trial_key", [sweep])
@@ -87,7 +108,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     for sweep, n in done.items():
-        print(f"synced sweep {sweep!r}: {n} trials -> {uri}")
+        print(f"synced sweep {sweep!r}: {n} trials (models, for a scoring sweep) -> {uri}")
     return 0
 
 

@@ -11,16 +11,18 @@ subset S_k holding a fraction r of the training set. For example i with given la
 (NaN, and excluded, where n_in or n_out is 0). Subsets are regenerated from their seeds
 (`subset_mask`), so a trial stores only each model's seed and its predictions (int16).
 
-`train_stacked` trains M models at once in one process: their parameters stacked
-(`torch.func.stack_module_state`), one `vmap` of `functional_call` and `grad` per step, each
-model with its own subset, data order and initialisation, and SGD with momentum on the stacked
-tensors (elementwise, so exactly per-model SGD). `train_one` is the same recipe one model at a
-time; the two agree in float64 (tested). Models with BatchNorm are not stacked here (vmap over
-running statistics would need `functional_call` to return buffers): this covers the mlp.
+`train_stacked` trains M models at once in one process (`Stacked`), each model with its own
+subset, data order and initialisation: their parameters stacked (`torch.func.stack_module_state`);
+the mlp's forward and backward as batched matmuls (`baddbmm`, weights held as (M, in, out)), other
+models without buffers (lenet) through one `vmap` of `functional_call` and `grad`; then one fused
+SGD step with momentum over the stacked tensors (elementwise, so exactly per-model SGD).
+`train_one` is the same recipe one model at a time; the two agree in float64 (tested). Models
+with BatchNorm (resnet9) are not stacked (vmap over running statistics would need
+`functional_call` to return buffers): a scoring trial trains them one at a time.
 
 `ScoringRun` is one trial of the scoring sweep (`python -m sweeps.memorization_scores`): its
-models, a resume state, and its `memscore_models` rows; `score_table` is the sweep's reduce step
-(the `memscores` table), `summary` what it reports.
+models, a resume state, and its `memscore_models` fragment; `score_table` is the sweep's reduce
+step (the `memscores` rows), `memray.summary.memscore_summary` what it reports.
 """
 from __future__ import annotations
 
@@ -41,9 +43,25 @@ from .tables import SCHEMAS
 from .train import load_state, lr_factor, save_state
 
 
+def derive(seed: int, *tags: int) -> int:
+    """An independent 63-bit seed for one use of a model's seed (its subset, its initialisation,
+    each epoch's data order): splitmix64 over the seed and the tags, so no two uses (or models)
+    share a random stream."""
+    x = seed & (2**64 - 1)
+    for t in (*tags, 0):
+        x = (x + 0x9E3779B97F4A7C15 + t) & (2**64 - 1)
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+        x ^= x >> 31
+    return x >> 1
+
+
+SUBSET, INIT, ORDER = 1, 2, 3  # derive()'s tags
+
+
 def subset_mask(seed: int, n: int, fraction: float) -> torch.Tensor:
     """(n,) bool: the seeded subset S_k of round(fraction * n) training examples."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(derive(seed, SUBSET))
     out = torch.zeros(n, dtype=torch.bool)
     out[torch.randperm(n, generator=g)[:round(fraction * n)]] = True
     return out
@@ -81,13 +99,15 @@ class Recipe:
 
 def _init(recipe: Recipe, seed: int, in_shape, classes, dtype, device=None) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(derive(seed, INIT))
         return build_model(recipe.arch, recipe.width, in_shape, classes).to(dtype).to(device or "cpu")
 
 
-def _batches(seed: int, ids: torch.Tensor, epochs: int, batch_size: int) -> list[list[torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed * 1000 + 1)
-    return [list(ids[torch.randperm(len(ids), generator=g)].split(batch_size)) for _ in range(epochs)]
+def _batches(seed: int, ids: torch.Tensor, epoch: int, batch_size: int) -> list[torch.Tensor]:
+    """One epoch's batches of the model's subset `ids`, in the epoch's own seeded order (drawn
+    when the epoch starts: nothing is held for the epochs ahead)."""
+    g = torch.Generator().manual_seed(derive(seed, ORDER, epoch))
+    return list(ids[torch.randperm(len(ids), generator=g)].split(batch_size))
 
 
 def _lr(recipe: Recipe, step: int, total: int) -> float:
@@ -103,15 +123,14 @@ def train_one(recipe: Recipe, seed: int, x: torch.Tensor, y: torch.Tensor,
               classes: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One model on its subset: (its predictions on all of x (int16), its parameters)."""
     model = _init(recipe, seed, tuple(x.shape[1:]), classes, x.dtype, x.device)
-    ids = torch.nonzero(subset_mask(seed, len(x), recipe.fraction)).flatten().to(x.device)
-    plan = _batches(seed, ids.cpu(), recipe.epochs, recipe.batch_size)
-    total = sum(len(e) for e in plan)
+    ids = torch.nonzero(subset_mask(seed, len(x), recipe.fraction)).flatten()
+    total = recipe.epochs * math.ceil(len(ids) / recipe.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, fused=True)
     step = 0
     model.train()
-    for epoch in plan:
-        for b in epoch:
+    for epoch in range(recipe.epochs):
+        for b in _batches(seed, ids, epoch, recipe.batch_size):
             b = b.to(x.device)
             for group in opt.param_groups:
                 group["lr"] = _lr(recipe, step, total)
@@ -139,11 +158,10 @@ class Stacked:
         if self.bmm:  # weights held as (M, in, out): h @ W is one contiguous bmm, and so are its gradients
             self.params = {k: v.transpose(1, 2).contiguous() if k.endswith("weight") else v
                            for k, v in self.params.items()}
-        self.plans = [_batches(s, torch.nonzero(subset_mask(s, len(x), recipe.fraction)).flatten(), recipe.epochs,
-                               recipe.batch_size) for s in seeds]
-        self.steps = [len(b) for b in self.plans[0]]
-        assert all([len(b) for b in p] == self.steps for p in self.plans), "equal subsets give equal batch counts"
-        self.total = sum(self.steps)
+        self.seeds = list(seeds)
+        self.ids = [torch.nonzero(subset_mask(s, len(x), recipe.fraction)).flatten() for s in seeds]
+        self.steps_per_epoch = math.ceil(len(self.ids[0]) / recipe.batch_size)  # subsets have equal sizes
+        self.total = recipe.epochs * self.steps_per_epoch
         # SGD over the stacked tensors is elementwise, so it is each model's own SGD; fused: the
         # momentum and the update in one pass over the weights (a third of a step's time unfused)
         self.opt = torch.optim.SGD(list(self.params.values()), lr=recipe.lr, momentum=recipe.momentum,
@@ -185,9 +203,10 @@ class Stacked:
 
     def run_epoch(self) -> None:
         e, r = self.epoch, self.recipe
-        step = sum(self.steps[:e])
-        for j in range(self.steps[e]):
-            idx = torch.stack([p[e][j] for p in self.plans]).to(self.x.device)  # (M, B): every model's batch
+        step = e * self.steps_per_epoch
+        plans = [_batches(s, ids, e, r.batch_size) for s, ids in zip(self.seeds, self.ids)]
+        for j in range(self.steps_per_epoch):
+            idx = torch.stack([p[j] for p in plans]).to(self.x.device)  # (M, B): every model's batch
             g = self._bmm_grads(self.x[idx], self.y[idx]) if self.bmm else self.grads(self.params, self.x[idx],
                                                                                       self.y[idx])
             for k, v in self.params.items():
@@ -199,23 +218,29 @@ class Stacked:
 
     def predictions(self) -> torch.Tensor:
         """(M, N) int16: every model's prediction on every training example."""
-        m = len(self.plans)
-        with torch.no_grad():
-            logits = torch.cat([self._mlp_logits(self.params, xb.expand(m, *xb.shape)) if self.bmm else
-                                vmap(lambda p, xb=xb: functional_call(self.base, p, (xb,)))(self.params)
-                                for xb in self.x.split(1024)], dim=1)  # (M, N, classes)
-        return logits.argmax(-1).to(torch.int16).cpu()
+        m = len(self.seeds)
+        with torch.no_grad():  # (M, chunk, classes) logits, one chunk of examples at a time
+            return torch.cat([(self._mlp_logits(self.params, xb.expand(m, *xb.shape)) if self.bmm else
+                               vmap(lambda p, xb=xb: functional_call(self.base, p, (xb,)))(self.params)).argmax(-1)
+                              for xb in self.x.split(1024)], dim=1).to(torch.int16).cpu()
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "params": {k: v.detach().cpu() for k, v in self.params.items()},
                 "opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
+        """Checked before anything changes: a state that does not fit raises and leaves the run as
+        it was (the trainable then tries an older checkpoint)."""
+        params, opt, epoch = state["params"], state["opt"], int(state["epoch"])
+        if set(params) != set(self.params) or any(params[k].shape != v.shape for k, v in self.params.items()):
+            raise ValueError("the saved stacked parameters do not fit these models")
+        if not 0 <= epoch <= self.recipe.epochs or len(opt["state"]) not in (0, len(self.params)):
+            raise ValueError(f"the saved state (epoch {epoch}) does not fit this run")
         with torch.no_grad():
             for k in self.params:
-                self.params[k].copy_(state["params"][k])
-        self.opt.load_state_dict(state["opt"])
+                self.params[k].copy_(params[k])
+        self.opt.load_state_dict(opt)
+        self.epoch = epoch
 
 
 def train_stacked(recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Tensor,
@@ -333,32 +358,6 @@ def score_table(sweep: str, cfg: ScoreConfig, data: Data, predictions: np.ndarra
              "true_label": true[i], "n_in": int(cols["n_in"][i]), "n_out": int(cols["n_out"][i]),
              "acc_in": val("acc_in", i), "acc_out": val("acc_out", i), "score": val("score", i),
              "stderr": val("stderr", i)} for i in range(n)]
-
-
-def summary(rows: list[dict], rare_threshold: float = 0.25) -> dict[str, float]:
-    """What a scoring sweep reports: the median standard error, noisy and clean median scores, the
-    one-sided Mann-Whitney p that noisy examples score higher, the rare count (clean, score >=
-    the threshold)."""
-    from scipy import stats
-
-    ok = [r for r in rows if r["score"] is not None]
-    noisy = [r["score"] for r in ok if r["is_noisy"]]
-    clean = [r["score"] for r in ok if not r["is_noisy"]]
-    out = {"models": float(rows[0]["models"]) if rows else 0.0, "examples": float(len(rows)),
-           "scored": float(len(ok)), "median_stderr": float(np.median([r["stderr"] for r in ok])) if ok else math.nan,
-           "noisy_median_stderr": (float(np.median([r["stderr"] for r in ok if r["is_noisy"]]))
-                                   if noisy else math.nan),
-           # most examples are right (or wrong) in every model, in and out: their stderr is 0
-           "varied": float(sum(r["stderr"] > 0 for r in ok)),
-           "varied_median_stderr": (float(np.median([r["stderr"] for r in ok if r["stderr"] > 0]))
-                                    if any(r["stderr"] > 0 for r in ok) else math.nan),
-           "max_stderr": max((r["stderr"] for r in ok), default=math.nan),
-           "noisy_median_score": float(np.median(noisy)) if noisy else math.nan,
-           "clean_median_score": float(np.median(clean)) if clean else math.nan,
-           "rare": float(sum(s >= rare_threshold for s in clean))}
-    out["noisy_gt_clean_p"] = (float(stats.mannwhitneyu(noisy, clean, alternative="greater").pvalue)
-                               if len(noisy) >= 8 and len(clean) >= 8 else math.nan)
-    return out
 
 
 def top_clean_figure(rows: list[dict], data: Data, title: str, n: int = 10) -> bytes | None:

@@ -13,6 +13,7 @@ database; on the parent, the sweep's verdict table.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -145,6 +146,23 @@ class MlflowView:
     def close(self, status: str) -> None:
         """End the sweep's parent run: FINISHED, or FAILED when a trial failed."""
         self.client.set_terminated(self.parent_id, status)
+
+    def log_memscores(self, params: dict, summary: dict[str, float], figures: dict[str, bytes]) -> None:
+        """A scoring sweep's view, on its parent run: the recipe as params (logged once), the
+        summary (memray.summary.memscore_summary) as metrics, its figures, and the run finished."""
+        self.client.set_tag(self.parent_id, "memray.kind", "memscores")
+        existing = self.client.get_run(self.parent_id).data.params
+        self.client.log_batch(self.parent_id, params=[Param(k, str(v)[:MAX_PARAM_VAL_LENGTH])
+                                                      for k, v in sorted(params.items()) if k not in existing])
+        self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), 0, 0) for k, v in sorted(summary.items())
+                                                       if not math.isnan(v)])
+        if figures:
+            with tempfile.TemporaryDirectory() as d:
+                for name, png in figures.items():
+                    Path(d, f"{name}.png").write_bytes(png)
+                self.client.log_artifacts(self.parent_id, d, artifact_path="figures")
+        self.log_files(self.parent_id, {"memscores_summary.json": json.dumps(summary, indent=1, sort_keys=True)})
+        self.close("FINISHED")
 
     def log_metrics(self, run_id: str, by_step: dict[int, dict[str, float]]) -> None:
         """Log {step: {name: value}} in as few log_batch calls as MLflow allows (one store write

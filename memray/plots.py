@@ -214,7 +214,7 @@ def examples_figure(groups: dict[str, tuple[Any, list[str]]], title: str = "") -
     """Rows of training examples, one row per group: {row label: (array (n, C, H, W) images or
     (n, C, L) signals, one caption per example)}. Images are drawn as pictures, signals as lines."""
     n_cols = max((len(x) for x, _ in groups.values()), default=1) or 1
-    fig, axes = plt.subplots(len(groups), n_cols, figsize=(1.5 * n_cols + 1.5, 1.9 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), n_cols, figsize=(1.5 * n_cols + 1.5, 2.2 * len(groups)), squeeze=False)
     for r, (label, (x, captions)) in enumerate(groups.items()):
         for c in range(n_cols):
             ax = axes[r][c]

@@ -94,3 +94,31 @@ def flip_summary(rows: Rows) -> dict[str, float]:
             out[f"{key}/median_post_test_acc"] = statistics.median(
                 r["post_test_acc"] for r in rows if r["method"] == method and target_kind(r) == kind)
     return out
+
+
+def memscore_summary(rows: Rows, rare_threshold: float = 0.25) -> dict[str, float]:
+    """What a scoring sweep reports from its `memscores` rows: the median standard error (overall,
+    noisy, and over the examples whose models disagree), noisy and clean median scores, the
+    one-sided Mann-Whitney p that noisy examples score higher, the rare count (clean, score >=
+    the threshold)."""
+    import numpy as np
+    from scipy import stats
+
+    ok = [r for r in rows if r["score"] is not None]
+    noisy = [r["score"] for r in ok if r["is_noisy"]]
+    clean = [r["score"] for r in ok if not r["is_noisy"]]
+    out = {"models": float(rows[0]["models"]) if rows else 0.0, "examples": float(len(rows)),
+           "scored": float(len(ok)), "median_stderr": float(np.median([r["stderr"] for r in ok])) if ok else math.nan,
+           "noisy_median_stderr": (float(np.median([r["stderr"] for r in ok if r["is_noisy"]]))
+                                   if noisy else math.nan),
+           # most examples are right (or wrong) in every model, in and out: their stderr is 0
+           "varied": float(sum(r["stderr"] > 0 for r in ok)),
+           "varied_median_stderr": (float(np.median([r["stderr"] for r in ok if r["stderr"] > 0]))
+                                    if any(r["stderr"] > 0 for r in ok) else math.nan),
+           "max_stderr": max((r["stderr"] for r in ok), default=math.nan),
+           "noisy_median_score": float(np.median(noisy)) if noisy else math.nan,
+           "clean_median_score": float(np.median(clean)) if clean else math.nan,
+           "rare": float(sum(s >= rare_threshold for s in clean))}
+    out["noisy_gt_clean_p"] = (float(stats.mannwhitneyu(noisy, clean, alternative="greater").pvalue)
+                               if len(noisy) >= 8 and len(clean) >= 8 else math.nan)
+    return out

@@ -150,7 +150,7 @@ def read_predictions(results: str, sweep: str, keys: list[str]) -> tuple[Any, li
     t = pa.concat_tables(parts).sort_by("model_index")
     lists = t.column("predictions").combine_chunks()
     n = len(lists[0]) if len(lists) else 0
-    preds = lists.flatten().to_numpy().reshape(len(lists), n).astype(np.int16, copy=False)
+    preds = np.array(lists.flatten().to_numpy().reshape(len(lists), n), dtype=np.int16)  # writable, for torch
     return preds, t.column("subset_seed").to_pylist()
 
 

@@ -100,7 +100,8 @@ def check_memscores(args, configs: list[ExperimentConfig]) -> None:
             continue
         try:
             tables.check_name("sweep", name)
-            tables.check_memscores(args.results_dir, name, c.data, c.data.train_limit or TRAIN_SIZE[c.data.dataset])
+            size = TRAIN_SIZE[c.data.dataset]
+            tables.check_memscores(args.results_dir, name, c.data, min(c.data.train_limit or size, size))
         except ValueError as e:
             raise UsageError(f"--{e}") from None
 

@@ -138,13 +138,13 @@ def main(argv=None) -> int:
             args.name = f"dropout_grid-{args.preset}"
         check_runtime(args)
         configs = build_configs(args)
+        check_memscores(args, configs)
         if args.dry_run:
             from trainables.trial import resources
 
             print_dry_run(configs, args, resources(args.cpus_per_trial, args.gpus_per_trial,
                                                    args.analysis_workers).bundles)
             return 0
-        check_memscores(args, configs)
         run_id = check_resume(args, configs)
         for ds in sorted({c.data.dataset for c in configs}):
             prepare(ds, args.data_dir or default_data_dir(), download=args.download)

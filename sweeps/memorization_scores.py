@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import uuid
@@ -27,9 +26,10 @@ import uuid
 from memray import tables
 from memray.config import DATASETS, NOISE_KINDS, ConfigError, DataConfig, ScoreConfig
 from memray.sources import DatasetMissing, default_data_dir, prepare
+from memray.summary import memscore_summary
 
 from .cli import UsageError, add_runtime_flags, check_resume, check_runtime
-from .launch import fit, git_sha, record_end, record_start, source_tags, tune_environment
+from .launch import fit, record_end, record_start, source_tags, tune_environment
 
 PRESETS: dict[str, dict] = {
     # seconds, for tests: 8 narrow mlps, 40 epochs (enough to fit digits' noisy labels when trained on)
@@ -89,8 +89,8 @@ def build_configs(args) -> list[ScoreConfig]:
     r = _pick(args, pr, "subset_fraction", "subset_fraction", 0.7)
     if not 0 < r < 1:
         raise UsageError(f"--subset-fraction={r} is invalid: a number in the open interval (0, 1)")
-    if args.checkpoint_s < 0:
-        raise UsageError(f"--checkpoint-s={args.checkpoint_s} is invalid: a number >= 0")
+    if not args.checkpoint_s >= 0 or math.isinf(args.checkpoint_s):
+        raise UsageError(f"--checkpoint-s={args.checkpoint_s} is invalid: a finite number >= 0")
     data = DataConfig(dataset=dataset, noise_rate=_pick(args, pr, "noise", "noise", 0.1),
                       noise_kind=_pick(args, pr, "noise_kind", "noise_kind", "label"),
                       data_seed=_pick(args, pr, "data_seed", "data_seed", 0))
@@ -100,7 +100,8 @@ def build_configs(args) -> list[ScoreConfig]:
               "weight_decay": pr.get("weight_decay", 0.0), "subset_fraction": r,
               "seed": _pick(args, pr, "seed", "seed", 0)}
     flags = {"data.dataset": "--dataset", "data.noise_rate": "--noise", "data.noise_kind": "--noise-kind",
-             "data.data_seed": "--data-seed", "arch": "--arch", "width": "--width", "epochs": "--epochs",
+             "data.data_seed": "--data-seed", "model.arch": "--arch", "model.width": "--width", "arch": "--arch",
+             "width": "--width", "epochs": "--epochs",
              "lr": "--lr", "batch_size": "--batch-size", "seed": "--seed"}
     try:
         return [ScoreConfig(**common, first=first, count=min(m, k - first)).validate() for first in range(0, k, m)]
@@ -185,7 +186,7 @@ def reduce(args, configs: list[ScoreConfig]) -> dict[str, float]:
     rows = memscores.score_table(args.name, cfg, data, preds, seeds)
     k = len(seeds)
     tables.write_fragment(args.results_dir, "memscores", args.name, args.name, rows)
-    s = memscores.summary(rows)
+    s = memscore_summary(rows)
     figures = {"scores": plots.png(plots.scores_figure(
         {"noisy": [r["score"] for r in rows if r["is_noisy"] and r["score"] is not None],
          "clean": [r["score"] for r in rows if not r["is_noisy"] and r["score"] is not None]},
@@ -212,35 +213,21 @@ def reduce(args, configs: list[ScoreConfig]) -> dict[str, float]:
 
 def log_mlflow(args, cfg: ScoreConfig, k: int, s: dict[str, float], figures: dict[str, bytes]) -> None:
     """The sweep's MLflow run (experiment = sweep name): the recipe as params, the summary as
-    metrics, the figures as artifacts. MLflow is a view: a failure warns and loses nothing."""
-    import os
-    import tempfile
+    metrics, the figures as artifacts. MLflow is a view: a failure warns and loses nothing
+    (`python -m analysis.sync_mlflow` logs the same from the tables)."""
     import warnings
 
     try:
-        from mlflow.entities import Metric, Param
-
         from memray.mlflow_view import MlflowView
 
-        view = MlflowView(args.mlflow_uri, args.name, {**source_tags(), "memray.kind": "memscores"})
+        view = MlflowView(args.mlflow_uri, args.name, source_tags())
         params = {**{f"data.{k2}": v for k2, v in cfg.to_dict()["data"].items()},
                   **{k2: v for k2, v in cfg.to_dict().items() if k2 not in ("data", "first", "count")},
-                  "models": k, "git_sha": git_sha()}
-        existing = view.client.get_run(view.parent_id).data.params
-        view.client.log_batch(view.parent_id, params=[Param(n, str(v)) for n, v in sorted(params.items())
-                                                      if n not in existing])
-        view.client.log_batch(view.parent_id, metrics=[Metric(n, float(v), 0, 0) for n, v in sorted(s.items())
-                                                       if not math.isnan(v)])
-        with tempfile.TemporaryDirectory() as d:
-            for name, png in figures.items():
-                with open(os.path.join(d, f"{name}.png"), "wb") as f:
-                    f.write(png)
-            view.client.log_artifacts(view.parent_id, d, artifact_path="figures")
-        view.log_files(view.parent_id, {"memscores_summary.json": json.dumps(s, indent=1, sort_keys=True)})
-        view.close("FINISHED")
+                  "models": k}
+        view.log_memscores(params, s, figures)
     except Exception as e:  # noqa: BLE001 -- a view: the tables are complete
-        warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); the memscores table is complete",
-                      stacklevel=1)
+        warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); the memscores table is complete: "
+                      f"`python -m analysis.sync_mlflow --results-dir {args.results_dir}` logs it", stacklevel=1)
 
 
 if __name__ == "__main__":

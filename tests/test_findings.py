@@ -261,9 +261,58 @@ def test_5a_null_clear_and_too_few_seeds():
     assert F.finding_5a(cell([etd_seed(r, lambda q: 0.02)] * 3, "example_tied")).reason == "no plain twin in the sweep"
 
 
-def test_5b_waits_for_memorization_scores():
-    v = F.finding_5b(cell([{}], "example_tied"))
-    assert v.verdict == "inconclusive" and v.reason == "no memorization scores"
+def test_score_findings_wait_for_memorization_scores():
+    for fid, kind in (("5b", "example_tied"), ("8a", "none"), ("8b", "none")):
+        v = F.FINDINGS[fid].judge(cell([{}], kind))
+        assert v.verdict == "inconclusive" and v.reason.startswith("no memorization scores"), fid
+
+
+def scored(c, scores, name="ms"):
+    c.memscores, c.scores = name, {i: {"example_id": i, "is_noisy": noisy, "score": s}
+                                   for i, (noisy, s) in scores.items()}
+    return c
+
+
+def test_5b_counts_each_example_once_and_compares_scores():
+    """An example forgotten in 2 of its 3 seeds is forgotten, in 1 of 3 kept; every example counts
+    once (its score is one value). Forgotten examples with high scores: agree, AUC 1; with the
+    same scores as the kept ones: differ."""
+    def etd(forgot_in: dict[int, int]):  # example -> seeds (of 3) drop forgets it
+        return [{"etd_examples": [{"example_id": i, "is_noisy": False, "own_correct": True,
+                                   "drop_correct": s >= n} for i, n in forgot_in.items()]} for s in range(3)]
+    forgot = {**{i: 2 for i in range(10)}, **{i: 1 for i in range(10, 40)}}
+    high = {i: (False, 0.9 if i < 10 else 0.1) for i in range(40)}
+    v = F.finding_5b(scored(cell(etd(forgot), "example_tied"), high))
+    assert v.verdict == "agree" and v.n == 40 and "(n=10)" in v.value and "(n=30)" in v.value and "AUC 1.000" in v.value
+    same = {i: (False, 0.1 * (i % 4)) for i in range(40)}
+    assert F.finding_5b(scored(cell(etd(forgot), "example_tied"), same)).verdict == "differ"
+    # too few forgotten examples with a score: inconclusive
+    assert F.finding_5b(scored(cell(etd({**{i: 3 for i in range(5)}, **{i: 0 for i in range(5, 40)}}),
+                                    "example_tied"), high)).verdict == "inconclusive"
+
+
+def test_8a_is_judged_once_per_scoring_sweep_and_differs_without_a_gap():
+    rng = random.Random(0)
+    gap = {i: (i < 20, rng.uniform(0.6, 1.0) if i < 20 else rng.uniform(0.0, 0.2)) for i in range(200)}
+    none = {i: (i < 20, rng.uniform(0.0, 0.2)) for i in range(200)}  # the placebo's picture
+    a, b = scored(cell([{}], "none"), gap), scored(cell([{}], "none"), gap)
+    b.name = "synthetic-other"
+    verdicts = [v for v in F.judge_sweep([a, b]) if v.id == "8a"]
+    assert [v.verdict for v in verdicts] == ["agree"] and verdicts[0].n == 200
+    assert F.finding_8a(scored(cell([{}], "none"), none)).verdict == "differ"
+
+
+def test_8b_rare_targets_against_typical_clean_ones():
+    def rows(rare_units, clean_units):
+        out = []
+        for i in range(12):
+            for kind, units, rnd in (("rare", rare_units, 300), ("clean", clean_units, 320)):
+                for method, k in (("greedy", units), ("random", rnd)):
+                    out.append({"example_id": i + (100 if kind == "clean" else 0), "target_kind": kind,
+                                "is_noisy": False, "method": method, "flipped": True, "n_units": k + i % 3})
+        return [{"flips": out}]
+    assert F.finding_8b(scored(cell(rows(3, 12), "none"), {})).verdict == "agree"
+    assert F.finding_8b(scored(cell(rows(12, 12), "none"), {})).verdict == "differ"
 
 
 # ----------------------------------------------------------------------------- Holm, CLI

@@ -123,6 +123,13 @@ def test_scoring_sweep_writes_its_tables_figures_and_mlflow_run(scores):
     assert run.data.params["subset_fraction"] == "0.7" and run.info.status == "FINISHED"
     assert {a.path for a in c.list_artifacts(run.info.run_id, "figures")} == {"figures/scores.png",
                                                                               "figures/top_scoring.png"}
+    # MLflow is a view: the same run rebuilt from the tables into another store
+    other = f"sqlite:///{results}/other.db"
+    p2 = run_cli("--results-dir", str(results), "--mlflow-uri", other, "--sweep", "ms", module="analysis.sync_mlflow")
+    assert p2.returncode == 0 and "synced sweep 'ms': 8 trials (models" in p2.stdout, p2.stderr
+    c2 = MlflowClient(other)
+    run2 = c2.search_runs([c2.get_experiment_by_name("ms").experiment_id])[0]
+    assert run2.data.metrics == run.data.metrics and run2.data.params["models"] == "8"
 
 
 @pytest.mark.slow
