@@ -714,7 +714,9 @@ FINDINGS: dict[str, Finding] = {
                   "scores of the named scoring sweep: noisy above clean (one-sided Mann-Whitney p < 0.05, median "
                   "noisy > median clean); judged once per scoring sweep, in the first plain cell naming it",
                   finding_8a),
-    "8b": Finding("rare examples flip with fewer units than typical clean ones", ("plain",), True,
+    # not placebo-gated: rare examples are defined by their scores, not by the label noise a
+    # placebo removes (under placebo they are still the clean examples only memorizing fits)
+    "8b": Finding("rare examples flip with fewer units than typical clean ones", ("plain",), False,
                   "4a's rule for rare vs typical clean targets: greedy median ratio <= 0.75 and below random "
                   "order's; Mann-Whitney p < 0.05, >= 8 targets each", finding_8b),
 }
