@@ -516,6 +516,18 @@ def _auc(a: list[float], b: list[float]) -> float:
     return float(stats.mannwhitneyu(a, b).statistic) / (len(a) * len(b))
 
 
+def forgotten_and_kept(cell: Cell) -> tuple[list[int], list[int]]:
+    """An ETD cell's clean examples right under `own` in at least one seed, each once: (those
+    `drop` forgets in more than half of the seeds where `own` had them right, the rest)."""
+    right, lost = defaultdict(int), defaultdict(int)  # example -> seeds own right, of those drop wrong
+    for t in cell.seeds.values():
+        for r in t.get("etd_examples", []):
+            if not r["is_noisy"] and r["own_correct"]:
+                right[r["example_id"]] += 1
+                lost[r["example_id"]] += not r["drop_correct"]
+    return (sorted(i for i in right if 2 * lost[i] > right[i]), sorted(i for i in right if 2 * lost[i] <= right[i]))
+
+
 def finding_5b(cell: Cell) -> Verdict:
     """Clean examples right under `own` in at least one seed, each counted once (its score is one
     value, so pooling (seed, example) pairs would count it once per seed): forgotten if `drop`
@@ -524,14 +536,8 @@ def finding_5b(cell: Cell) -> Verdict:
     being forgotten."""
     if cell.scores is None:
         return inconclusive("5b", cell, "no memorization scores (run the grid with --memscores SWEEP)")
-    right, lost = defaultdict(int), defaultdict(int)  # example -> seeds own right, of those drop wrong
-    for t in cell.seeds.values():
-        for r in t.get("etd_examples", []):
-            if not r["is_noisy"] and r["own_correct"]:
-                right[r["example_id"]] += 1
-                lost[r["example_id"]] += not r["drop_correct"]
-    forgotten = sorted(i for i in right if 2 * lost[i] > right[i])
-    a, b = _scored(cell, forgotten), _scored(cell, sorted(i for i in right if 2 * lost[i] <= right[i]))
+    forgotten, kept = forgotten_and_kept(cell)
+    a, b = _scored(cell, forgotten), _scored(cell, kept)
     if min(len(a), len(b)) < MIN_TARGETS:
         return inconclusive("5b", cell, f"{len(a)} forgotten / {len(b)} kept scored clean examples, need "
                                         f"{MIN_TARGETS}", n=len(a) + len(b))

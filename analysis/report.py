@@ -25,7 +25,16 @@ from collections import defaultdict
 from memray import plots, tables
 from memray.tables import write_local
 
-from .findings import Cell, Verdict, html_table, judge_sweep, load_cells, rewinding_classes, summary_lines
+from .findings import (
+    Cell,
+    Verdict,
+    forgotten_and_kept,
+    html_table,
+    judge_sweep,
+    load_cells,
+    rewinding_classes,
+    summary_lines,
+)
 from .store import Store, open_for_cli, store_parser
 
 
@@ -78,12 +87,9 @@ def cell_figures(store: Store, cell: Cell) -> list[str]:
         if tables.exists(store.results, rel):
             figs.append(_img(tables.read_bytes(store.results, rel), "forgotten vs kept"))
         if cell.scores is not None:  # finding 5b: the forgotten clean examples' scores vs the kept ones'
-            groups: dict[str, list[float]] = {"forgotten by drop": [], "kept by drop": []}
-            for tt in cell.seeds.values():
-                for r in tt["etd_examples"]:
-                    s = (cell.scores.get(r["example_id"]) or {}).get("score")
-                    if not r["is_noisy"] and r["own_correct"] and s is not None:
-                        groups["kept by drop" if r["drop_correct"] else "forgotten by drop"].append(s)
+            forgotten, kept = forgotten_and_kept(cell)
+            groups = {label: [s for s in ((cell.scores.get(i) or {}).get("score") for i in ids) if s is not None]
+                      for label, ids in (("forgotten by drop (most seeds)", forgotten), ("kept by drop", kept))}
             figs.append(_img(plots.png(plots.scores_figure(
                 groups, f"{cell.name}: 5b, clean examples right under own ({cell.memscores})")), "5b scores"))
     return figs

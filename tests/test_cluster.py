@@ -197,7 +197,8 @@ def test_s3_results_store_on_loopback(tmp_path):
             assert (t, e, f, s) == (4, 3 * 4 + 3 * 3 * 11, 4, 1)
             assert r == rd and r % 16 == 0 and r03 == 4 * 4 * 2 * 4
             store = open_store(uri)
-            assert all(store.files[t] for t in store.files)  # every table written to S3
+            # every table of a grid sweep written to S3 (a scoring sweep's two are tests/test_memscore_sweep.py's)
+            assert all(store.files[t] for t in store.files if t not in ("memscore_models", "memscores"))
         finally:
             os.environ.clear()
             os.environ.update(old)
