@@ -393,27 +393,32 @@ def _flip_rows(cell: Cell, method: str, kind: str) -> Rows:
             if r["method"] == method and target_kind(r) == kind]
 
 
-def finding_4a(cell: Cell) -> Verdict:
+def _fewer_units(fid: str, cell: Cell, kind: str, versus: str) -> Verdict:
+    """Targets of `kind` flip with fewer units than clean ones (named `versus`), beyond what random
+    order shows: greedy median ratio <= 0.75 and below random order's, Mann-Whitney p < 0.05."""
     rows = [r for t in cell.seeds.values() for r in t.get("flips", [])]
-    g_noisy = units_to_flip(rows, "greedy", "noisy")
-    g_clean = units_to_flip(rows, "greedy", "clean")
-    if min(len(g_noisy), len(g_clean)) < MIN_TARGETS:
-        return inconclusive("4a", cell, f"{len(g_noisy)} noisy / {len(g_clean)} clean targets, need {MIN_TARGETS}",
-                            n=len(g_noisy) + len(g_clean))
-    r_noisy, r_clean = units_to_flip(rows, "random", "noisy"), units_to_flip(rows, "random", "clean")
-    ratio = _ratio(_median(g_noisy), _median(g_clean))
-    ratio_random = _ratio(_median(r_noisy), _median(r_clean))
+    g_kind, g_clean = units_to_flip(rows, "greedy", kind), units_to_flip(rows, "greedy", "clean")
+    n = len(g_kind) + len(g_clean)
+    if min(len(g_kind), len(g_clean)) < MIN_TARGETS:
+        return inconclusive(fid, cell, f"{len(g_kind)} {kind} / {len(g_clean)} {versus} targets, need {MIN_TARGETS}",
+                            n=n)
+    r_kind, r_clean = units_to_flip(rows, "random", kind), units_to_flip(rows, "random", "clean")
+    ratio = _ratio(_median(g_kind), _median(g_clean))
+    ratio_random = _ratio(_median(r_kind), _median(r_clean))
     if math.isnan(ratio_random):
-        return inconclusive("4a", cell, "random order flipped too few targets for its control ratio",
-                            n=len(g_noisy) + len(g_clean))
-    p = mann_whitney_less(g_noisy, g_clean)
+        return inconclusive(fid, cell, "random order flipped too few targets for its control ratio", n=n)
+    p = mann_whitney_less(g_kind, g_clean)
     ok = p < ALPHA and ratio <= 0.75 and ratio < ratio_random
-    return _verdict("4a", cell, verdict="agree" if ok else "differ", n=len(g_noisy) + len(g_clean), p=p,
-                    value=f"median units noisy {_fmt(_median(g_noisy))} vs clean {_fmt(_median(g_clean))} "
+    return _verdict(fid, cell, verdict="agree" if ok else "differ", n=n, p=p,
+                    value=f"median units {kind} {_fmt(_median(g_kind))} vs {versus} {_fmt(_median(g_clean))} "
                           f"(ratio {_fmt(ratio)})",
-                    control=f"random order: noisy {_fmt(_median(r_noisy))} vs clean {_fmt(_median(r_clean))} "
+                    control=f"random order: {kind} {_fmt(_median(r_kind))} vs clean {_fmt(_median(r_clean))} "
                             f"(ratio {_fmt(ratio_random)})",
                     interval_or_p=f"Mann-Whitney p={_fmt(p, 2)}")
+
+
+def finding_4a(cell: Cell) -> Verdict:
+    return _fewer_units("4a", cell, "noisy", "clean")
 
 
 def finding_4b(cell: Cell) -> Verdict:
@@ -572,24 +577,7 @@ def finding_8b(cell: Cell) -> Verdict:
     rare threshold) flip with fewer units than typical clean ones, beyond random order's ratio."""
     if cell.scores is None:
         return inconclusive("8b", cell, "no memorization scores (run the grid with --memscores SWEEP)")
-    rows = [r for t in cell.seeds.values() for r in t.get("flips", [])]
-    g_rare, g_clean = units_to_flip(rows, "greedy", "rare"), units_to_flip(rows, "greedy", "clean")
-    if min(len(g_rare), len(g_clean)) < MIN_TARGETS:
-        return inconclusive("8b", cell, f"{len(g_rare)} rare / {len(g_clean)} typical clean targets, need "
-                                        f"{MIN_TARGETS}", n=len(g_rare) + len(g_clean))
-    r_rare, r_clean = units_to_flip(rows, "random", "rare"), units_to_flip(rows, "random", "clean")
-    ratio, ratio_random = _ratio(_median(g_rare), _median(g_clean)), _ratio(_median(r_rare), _median(r_clean))
-    if math.isnan(ratio_random):
-        return inconclusive("8b", cell, "random order flipped too few targets for its control ratio",
-                            n=len(g_rare) + len(g_clean))
-    p = mann_whitney_less(g_rare, g_clean)
-    ok = p < ALPHA and ratio <= 0.75 and ratio < ratio_random
-    return _verdict("8b", cell, verdict="agree" if ok else "differ", n=len(g_rare) + len(g_clean), p=p,
-                    value=f"median units rare {_fmt(_median(g_rare))} vs typical clean {_fmt(_median(g_clean))} "
-                          f"(ratio {_fmt(ratio)})",
-                    control=f"random order: rare {_fmt(_median(r_rare))} vs clean {_fmt(_median(r_clean))} "
-                            f"(ratio {_fmt(ratio_random)})",
-                    interval_or_p=f"Mann-Whitney p={_fmt(p, 2)}")
+    return _fewer_units("8b", cell, "rare", "typical clean")
 
 
 def _precision_at_truth(cell: Cell) -> dict[str, dict[str, dict[tuple, float]]]:

@@ -19,7 +19,7 @@ import time
 import torch
 
 from memray import memscores as M
-from memray.config import DataConfig
+from memray.config import DataConfig, ScoreConfig
 from memray.data import load_data
 from memray.train import describe_device
 
@@ -30,9 +30,9 @@ EPOCHS = int(os.environ.get("BENCH_EPOCHS", "60"))
 def main() -> None:
     data = load_data(DataConfig(dataset="digits", noise_rate=0.1))
     x, y = data.x_train, data.y_train
-    recipe = M.Recipe(width=512, epochs=EPOCHS, batch_size=64, fraction=0.7)
+    recipe = ScoreConfig(width=512, epochs=EPOCHS, batch_size=64, subset_fraction=0.7)
     seeds = M.model_seeds(MODELS)
-    M.train_one(M.Recipe(width=512, epochs=1), seeds[0], x, y, 10)  # warm-up
+    M.train_one(ScoreConfig(width=512, epochs=1), seeds[0], x, y, 10)  # warm-up
     t = time.perf_counter()
     M.train_stacked(recipe, seeds, x, y, 10)
     stacked = time.perf_counter() - t
@@ -40,7 +40,7 @@ def main() -> None:
     for s in seeds:
         M.train_one(recipe, s, x, y, 10)
     sequential = time.perf_counter() - t
-    d, w = math.prod(x.shape[1:]), recipe.width
+    d, w = math.prod(x.shape[1:]), recipe.resolved_width
     macs = d * w + 2 * w * w + w * 10  # per example, forward
     steps = EPOCHS * math.ceil(round(0.7 * len(x)) / recipe.batch_size)
     flops_per_step = 3 * 2 * macs * recipe.batch_size  # per model: forward + backward

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -80,27 +79,10 @@ def scores(predictions: torch.Tensor, in_subset: torch.Tensor, labels: torch.Ten
             "stderr": stderr}
 
 
-@dataclass(frozen=True)
-class Recipe:
-    arch: str = "mlp"
-    width: int = 512
-    epochs: int = 60
-    lr: float = 0.05
-    momentum: float = 0.9
-    batch_size: int = 64
-    fraction: float = 0.7
-    weight_decay: float = 0.0
-
-    @classmethod
-    def of(cls, cfg: ScoreConfig) -> Recipe:
-        return cls(cfg.arch, cfg.resolved_width, cfg.epochs, cfg.lr, cfg.momentum, cfg.batch_size, cfg.subset_fraction,
-                   cfg.weight_decay)
-
-
-def _init(recipe: Recipe, seed: int, in_shape, classes, dtype, device=None) -> torch.nn.Module:
+def _init(recipe: ScoreConfig, seed: int, in_shape, classes, dtype, device=None) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive(seed, INIT))
-        return build_model(recipe.arch, recipe.width, in_shape, classes).to(dtype).to(device or "cpu")
+        return build_model(recipe.arch, recipe.resolved_width, in_shape, classes).to(dtype).to(device or "cpu")
 
 
 def _batches(seed: int, ids: torch.Tensor, epoch: int, batch_size: int) -> list[torch.Tensor]:
@@ -110,20 +92,20 @@ def _batches(seed: int, ids: torch.Tensor, epoch: int, batch_size: int) -> list[
     return list(ids[torch.randperm(len(ids), generator=g)].split(batch_size))
 
 
-def _lr(recipe: Recipe, step: int, total: int) -> float:
+def _lr(recipe: ScoreConfig, step: int, total: int) -> float:
     return recipe.lr * lr_factor("onecycle", step, total, 0.2)  # linear up to the peak at 20%, then down
 
 
-def stackable(recipe: Recipe, in_shape, classes) -> bool:
+def stackable(recipe: ScoreConfig, in_shape, classes) -> bool:
     """Models without buffers (no BatchNorm running statistics) train stacked; others one at a time."""
-    return not list(build_model(recipe.arch, recipe.width, tuple(in_shape), classes).buffers())
+    return not list(build_model(recipe.arch, recipe.resolved_width, tuple(in_shape), classes).buffers())
 
 
-def train_one(recipe: Recipe, seed: int, x: torch.Tensor, y: torch.Tensor,
+def train_one(recipe: ScoreConfig, seed: int, x: torch.Tensor, y: torch.Tensor,
               classes: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One model on its subset: (its predictions on all of x (int16), its parameters)."""
     model = _init(recipe, seed, tuple(x.shape[1:]), classes, x.dtype, x.device)
-    ids = torch.nonzero(subset_mask(seed, len(x), recipe.fraction)).flatten()
+    ids = torch.nonzero(subset_mask(seed, len(x), recipe.subset_fraction)).flatten()
     total = recipe.epochs * math.ceil(len(ids) / recipe.batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, fused=True)
@@ -149,7 +131,7 @@ class Stacked:
     state: the stacked parameters, their momentum buffers and the epoch. Data orders are drawn
     from the seeds up front, so a restored run takes the same batches as an uninterrupted one."""
 
-    def __init__(self, recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Tensor, classes: int):
+    def __init__(self, recipe: ScoreConfig, seeds: list[int], x: torch.Tensor, y: torch.Tensor, classes: int):
         self.recipe, self.x, self.y = recipe, x, y
         models = [_init(recipe, s, tuple(x.shape[1:]), classes, x.dtype, x.device) for s in seeds]
         self.params = {k: v.detach() for k, v in stack_module_state(models)[0].items()}  # {name: (M, ...)}, no graph
@@ -159,7 +141,7 @@ class Stacked:
             self.params = {k: v.transpose(1, 2).contiguous() if k.endswith("weight") else v
                            for k, v in self.params.items()}
         self.seeds = list(seeds)
-        self.ids = [torch.nonzero(subset_mask(s, len(x), recipe.fraction)).flatten() for s in seeds]
+        self.ids = [torch.nonzero(subset_mask(s, len(x), recipe.subset_fraction)).flatten() for s in seeds]
         self.steps_per_epoch = math.ceil(len(self.ids[0]) / recipe.batch_size)  # subsets have equal sizes
         self.total = recipe.epochs * self.steps_per_epoch
         # SGD over the stacked tensors is elementwise, so it is each model's own SGD; fused: the
@@ -243,7 +225,7 @@ class Stacked:
         self.epoch = epoch
 
 
-def train_stacked(recipe: Recipe, seeds: list[int], x: torch.Tensor, y: torch.Tensor,
+def train_stacked(recipe: ScoreConfig, seeds: list[int], x: torch.Tensor, y: torch.Tensor,
                   classes: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """len(seeds) models trained at once: ((M, N) int16 predictions, the stacked parameters
     {name: (M, ...)})."""
@@ -261,7 +243,7 @@ class ScoringRun:
 
     def __init__(self, cfg: ScoreConfig, data: Data):
         self.cfg, self.data = cfg, data
-        self.recipe = Recipe.of(cfg)
+        self.recipe = cfg
         self.seeds = [model_seed(k, cfg.seed) for k in range(cfg.first, cfg.first + cfg.count)]
         self.stacked = stackable(self.recipe, data.in_shape, data.num_classes)
         self.run = Stacked(self.recipe, self.seeds, data.x_train, data.y_train, data.num_classes) if self.stacked else None

@@ -4,6 +4,7 @@ import math
 import torch
 
 from memray import memscores as M
+from memray.config import ScoreConfig
 
 
 def test_estimator_on_a_known_answer():
@@ -33,18 +34,24 @@ def test_subsets_are_seeded_and_sized():
     assert torch.equal(a, b) and int(a.sum()) == 700 and not torch.equal(a, M.subset_mask(4, 1000, 0.7))
 
 
-def test_stacked_training_equals_one_at_a_time(digits):
-    """3 models, 2 epochs, a tiny mlp, float64: every parameter within 1e-9 of training the models
-    one by one, and the same predictions."""
-    x, y = digits.x_train[:200].double(), digits.y_train[:200]
-    recipe = M.Recipe(width=16, epochs=2, batch_size=32)
-    seeds = M.model_seeds(3)
+def assert_stacked_equals_one_at_a_time(recipe, seeds, x, y):
+    """Every parameter of the stacked models within 1e-9 of the same models trained one by one,
+    and the same predictions; returns the stacked parameters."""
     preds, stacked = M.train_stacked(recipe, seeds, x, y, 10)
     for k, s in enumerate(seeds):
         p1, params = M.train_one(recipe, s, x, y, 10)
         assert torch.equal(preds[k], p1)
         for name, v in params.items():
             assert (stacked[name][k] - v).abs().max().item() <= 1e-9, name
+    return stacked
+
+
+def test_stacked_training_equals_one_at_a_time(digits):
+    """3 models, 2 epochs, a tiny mlp (batched matmuls), float64."""
+    x, y = digits.x_train[:200].double(), digits.y_train[:200]
+    recipe = ScoreConfig(width=16, epochs=2, batch_size=32)
+    assert M.Stacked(recipe, M.model_seeds(3), x, y, 10).bmm
+    stacked = assert_stacked_equals_one_at_a_time(recipe, M.model_seeds(3), x, y)
     # the models differ from each other (own subset, order and init)
     assert not torch.equal(stacked["head.weight"][0], stacked["head.weight"][1])
 
@@ -53,22 +60,15 @@ def test_stacked_vmap_path_equals_one_at_a_time_for_a_conv_net(digits):
     """Stackable models other than the mlp (no BatchNorm: lenet) train through torch.func's vmap;
     the same equality holds (2 models, 1 epoch, float64)."""
     x, y = digits.x_train[:96].double(), digits.y_train[:96]
-    recipe = M.Recipe(arch="lenet", width=4, epochs=1, batch_size=32)
-    seeds = M.model_seeds(2, base_seed=5)
-    run = M.Stacked(recipe, seeds, x, y, 10)
-    assert not run.bmm
-    preds, stacked = M.train_stacked(recipe, seeds, x, y, 10)
-    for k, s in enumerate(seeds):
-        p1, params = M.train_one(recipe, s, x, y, 10)
-        assert torch.equal(preds[k], p1)
-        for name, v in params.items():
-            assert (stacked[name][k] - v).abs().max().item() <= 1e-9, name
+    recipe = ScoreConfig(arch="lenet", width=4, epochs=1, batch_size=32)
+    assert not M.Stacked(recipe, M.model_seeds(2, base_seed=5), x, y, 10).bmm
+    assert_stacked_equals_one_at_a_time(recipe, M.model_seeds(2, base_seed=5), x, y)
 
 
 def test_batchnorm_models_train_one_at_a_time():
-    assert M.stackable(M.Recipe(arch="mlp", width=8), (1, 8, 8), 10)
-    assert M.stackable(M.Recipe(arch="lenet", width=4), (1, 8, 8), 10)
-    assert not M.stackable(M.Recipe(arch="resnet9", width=8), (1, 8, 8), 10)
+    assert M.stackable(ScoreConfig(arch="mlp", width=8), (1, 8, 8), 10)
+    assert M.stackable(ScoreConfig(arch="lenet", width=4), (1, 8, 8), 10)
+    assert not M.stackable(ScoreConfig(arch="resnet9", width=8), (1, 8, 8), 10)
 
 
 def test_a_scoring_run_resumed_from_its_state_ends_with_the_same_predictions(digits, tmp_path):
