@@ -1,6 +1,6 @@
 """Memorization-score models per minute: M mlps trained at once (`memray.memscores.train_stacked`:
-batched matmuls, one fused SGD step over the stacked weights) vs the same M one after another
-(`train_one`: the same model and fused SGD), both doing the same work: digits,
+forward, backward and SGD step as batched matmuls) vs the same M one after another (`train_one`:
+the model with autograd and torch's fused SGD), both doing the same work: digits,
 the default recipe (mlp width 512, 60 epochs, batch 64, r = 0.7), final predictions only, no
 per-epoch evaluation. Headline `stacked_over_sequential` (models per minute, stacked over one at
 a time; goal >= 1.5 on 2 CPU cores). Also FLOPs per step (forward + backward, 3 x the forward's

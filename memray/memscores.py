@@ -13,9 +13,11 @@ subset S_k holding a fraction r of the training set. For example i with given la
 
 `train_stacked` trains M models at once in one process (`Stacked`), each model with its own
 subset, data order and initialisation: their parameters stacked (`torch.func.stack_module_state`);
-the mlp's forward and backward as batched matmuls (`baddbmm`, weights held as (M, in, out)), other
-models without buffers (lenet) through one `vmap` of `functional_call` and `grad`; then one fused
-SGD step with momentum over the stacked tensors (elementwise, so exactly per-model SGD).
+the mlp's forward, backward and SGD step written out as batched matmuls (`baddbmm`, weights held
+as (M, in, out), each weight gradient accumulated into its momentum buffer by the matmul that
+computes it); other models without buffers (lenet) through one `vmap` of `functional_call` and
+`grad`, then torch's fused SGD over the stacked tensors. SGD with momentum is elementwise, so
+either is exactly per-model SGD.
 `train_one` is the same recipe one model at a time; the two agree in float64 (tested). Models
 with BatchNorm (resnet9) are not stacked (vmap over running statistics would need
 `functional_call` to return buffers): a scoring trial trains them one at a time.
@@ -144,10 +146,14 @@ class Stacked:
         self.ids = [torch.nonzero(subset_mask(s, len(x), recipe.subset_fraction)).flatten() for s in seeds]
         self.steps_per_epoch = math.ceil(len(self.ids[0]) / recipe.batch_size)  # subsets have equal sizes
         self.total = recipe.epochs * self.steps_per_epoch
-        # SGD over the stacked tensors is elementwise, so it is each model's own SGD; fused: the
-        # momentum and the update in one pass over the weights (a third of a step's time unfused)
-        self.opt = torch.optim.SGD(list(self.params.values()), lr=recipe.lr, momentum=recipe.momentum,
-                                   weight_decay=recipe.weight_decay, fused=True)
+        # SGD with momentum over the stacked tensors is elementwise, so it is each model's own SGD.
+        # The mlp's step is written out (`_bmm_step`): each weight gradient is accumulated straight
+        # into its momentum buffer by the batched matmul that computes it. Other models: torch's
+        # fused SGD (the momentum and the update in one pass over the weights).
+        self.mom = {k: torch.zeros_like(v) for k, v in self.params.items()} if self.bmm else None
+        self.opt = None if self.bmm else torch.optim.SGD(list(self.params.values()), lr=recipe.lr,
+                                                         momentum=recipe.momentum,
+                                                         weight_decay=recipe.weight_decay, fused=True)
         self.epoch = 0
 
         def loss(p, xb, yb):
@@ -171,17 +177,34 @@ class Stacked:
             return self.params
         return {k: v.transpose(1, 2) if k.endswith("weight") else v for k, v in self.params.items()}
 
-    def _bmm_grads(self, xb: torch.Tensor, yb: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every model's gradient of its own mean loss: the models are independent, so the gradient
-        of the sum of their losses w.r.t. model m's parameters is model m's gradient."""
-        p = {k: v.requires_grad_() for k, v in self.params.items()}
-        logits = self._mlp_logits(p, xb)
-        m, b = yb.shape
-        loss = F.cross_entropy(logits.reshape(m * b, -1), yb.reshape(-1), reduction="sum") / b
-        g = torch.autograd.grad(loss, list(p.values()))
-        for v in self.params.values():
-            v.requires_grad_(False)
-        return dict(zip(p, g))
+    def _bmm_step(self, xb: torch.Tensor, yb: torch.Tensor, lr: float) -> None:
+        """One SGD step with momentum of every mlp on its own batch (xb (M, B, ...), yb (M, B)),
+        forward and backward as batched matmuls: torch.optim.SGD's update (buf = momentum * buf +
+        grad + weight_decay * w; w -= lr * buf) with each weight's gradient (h^T d) accumulated
+        into its buffer by the matmul that computes it (`baddbmm_` with beta = momentum)."""
+        p, mom, r = self.params, self.mom, self.recipe
+        with torch.no_grad():
+            hs = [xb.flatten(2)]  # each layer's input: x, then the ReLU outputs
+            layers = []
+            while f"hidden.{len(layers)}.0.weight" in p:
+                w, b = f"hidden.{len(layers)}.0.weight", f"hidden.{len(layers)}.0.bias"
+                hs.append(torch.relu(torch.baddbmm(p[b].unsqueeze(1), hs[-1], p[w])))
+                layers.append((w, b))
+            layers.append(("head.weight", "head.bias"))
+            d = torch.softmax(torch.baddbmm(p["head.bias"].unsqueeze(1), hs[-1], p["head.weight"]), -1)
+            d.scatter_add_(-1, yb.unsqueeze(-1), torch.full(yb.shape + (1,), -1.0, dtype=d.dtype, device=d.device))
+            d.div_(yb.shape[1])  # d(mean cross-entropy)/d(logits) of each model
+            for i in reversed(range(len(layers))):
+                w, b = layers[i]
+                dh = torch.bmm(d, p[w].transpose(1, 2)) if i > 0 else None  # with the weights before the step
+                mom[w].baddbmm_(hs[i].transpose(1, 2), d, beta=r.momentum)
+                mom[b].mul_(r.momentum).add_(d.sum(1))
+                if r.weight_decay:
+                    mom[w].add_(p[w], alpha=r.weight_decay)
+                    mom[b].add_(p[b], alpha=r.weight_decay)
+                if dh is not None:
+                    d = torch.ops.aten.threshold_backward(dh, hs[i], 0.0)  # through the ReLU (its own backward)
+            torch._foreach_add_(list(p.values()), [mom[k] for k in p], alpha=-lr)
 
     def run_epoch(self) -> None:
         e, r = self.epoch, self.recipe
@@ -189,12 +212,15 @@ class Stacked:
         plans = [_batches(s, ids, e, r.batch_size) for s, ids in zip(self.seeds, self.ids)]
         for j in range(self.steps_per_epoch):
             idx = torch.stack([p[j] for p in plans]).to(self.x.device)  # (M, B): every model's batch
-            g = self._bmm_grads(self.x[idx], self.y[idx]) if self.bmm else self.grads(self.params, self.x[idx],
-                                                                                      self.y[idx])
-            for k, v in self.params.items():
-                v.grad = g[k]
-            self.opt.param_groups[0]["lr"] = _lr(r, step, self.total)
-            self.opt.step()
+            lr = _lr(r, step, self.total)
+            if self.bmm:
+                self._bmm_step(self.x[idx], self.y[idx], lr)
+            else:
+                g = self.grads(self.params, self.x[idx], self.y[idx])
+                for k, v in self.params.items():
+                    v.grad = g[k]
+                self.opt.param_groups[0]["lr"] = lr
+                self.opt.step()
             step += 1
         self.epoch += 1
 
@@ -207,21 +233,33 @@ class Stacked:
                               for xb in self.x.split(1024)], dim=1).to(torch.int16).cpu()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "params": {k: v.detach().cpu() for k, v in self.params.items()},
-                "opt": self.opt.state_dict()}
+        out = {"epoch": self.epoch, "params": {k: v.detach().cpu() for k, v in self.params.items()}}
+        if self.bmm:
+            out["mom"] = {k: v.cpu() for k, v in self.mom.items()}
+        else:
+            out["opt"] = self.opt.state_dict()
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         """Checked before anything changes: a state that does not fit raises and leaves the run as
         it was (the trainable then tries an older checkpoint)."""
-        params, opt, epoch = state["params"], state["opt"], int(state["epoch"])
-        if set(params) != set(self.params) or any(params[k].shape != v.shape for k, v in self.params.items()):
-            raise ValueError("the saved stacked parameters do not fit these models")
-        if not 0 <= epoch <= self.recipe.epochs or len(opt["state"]) not in (0, len(self.params)):
-            raise ValueError(f"the saved state (epoch {epoch}) does not fit this run")
+        params, epoch = state["params"], int(state["epoch"])
+        mom, opt = state.get("mom"), state.get("opt")
+        fits = (set(params) == set(self.params) and all(params[k].shape == v.shape for k, v in self.params.items())
+                and 0 <= epoch <= self.recipe.epochs)
+        if self.bmm:
+            fits = fits and mom is not None and all(mom[k].shape == v.shape for k, v in self.params.items())
+        else:
+            fits = fits and opt is not None and len(opt["state"]) in (0, len(self.params))
+        if not fits:
+            raise ValueError(f"the saved stacked state (epoch {epoch}) does not fit these models")
         with torch.no_grad():
             for k in self.params:
                 self.params[k].copy_(params[k])
-        self.opt.load_state_dict(opt)
+                if self.bmm:
+                    self.mom[k].copy_(mom[k])
+        if not self.bmm:
+            self.opt.load_state_dict(opt)
         self.epoch = epoch
 
 
