@@ -94,14 +94,13 @@ def check_memscores(args, configs: list[ExperimentConfig]) -> None:
     rate and kind, data seed, training-set size)."""
     from .plan import TRAIN_SIZE
 
-    for c in configs:
-        name = c.analyses.memscores
-        if name is None:
-            continue
+    # each (scores, data) pair once: the cells and seeds of a grid share them
+    pairs = {(c.analyses.memscores, c.data) for c in configs if c.analyses.memscores is not None}
+    for name, data in sorted(pairs, key=repr):
         try:
             tables.check_name("sweep", name)
-            size = TRAIN_SIZE[c.data.dataset]
-            tables.check_memscores(args.results_dir, name, c.data, min(c.data.train_limit or size, size))
+            size = TRAIN_SIZE[data.dataset]
+            tables.check_memscores(args.results_dir, name, data, min(data.train_limit or size, size))
         except ValueError as e:
             raise UsageError(f"--{e}") from None
 
