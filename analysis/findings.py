@@ -62,6 +62,7 @@ class Cell:
     keys: dict[int, str] = field(default_factory=dict)  # seed -> trial_key
     twin: Cell | None = None  # an ETD cell's plain twin
     memscores: str | None = None  # the scoring sweep the cell's config names (EXPERIMENTS.md section 8)
+    rare_threshold: float = 0.25  # the score from which its clean examples are rare
     scores: dict[int, dict[str, Any]] | None = None  # its memscores rows by example_id
 
     @property
@@ -776,6 +777,7 @@ def load_cells(store: Store, sweep: str) -> list[Cell]:
                 scores[name] = {r["example_id"]: r for r in store.rows(
                     "select example_id, is_noisy, score from memscores where sweep = ?", [name])}
             cell.memscores, cell.scores = name, scores[name] or None
+            cell.rare_threshold = cfg["analyses"].get("rare_threshold", 0.25)
         cell.keys[int(t["seed"])] = t["trial_key"]
     # an ETD cell's twin: the plain cell with the same config but for the dropout section
     plain = {json.dumps({k: v for k, v in configs[key].items() if k != "dropout"}, sort_keys=True): c

@@ -100,14 +100,15 @@ def scores_section(store: Store, cells: list[Cell]) -> tuple[str, int]:
     sweep's top-scoring examples (drawn by its reduce step)."""
     out, n = [], 0
     for name in sorted({c.memscores for c in cells if c.scores is not None}):
-        rows = next(c.scores for c in cells if c.memscores == name).values()
+        first = next(c for c in cells if c.memscores == name)
+        rows = first.scores.values()
         meta = store.rows("select any_value(models) k, any_value(subset_fraction) r, any_value(arch) arch, "
                           "median(stderr) se, median(stderr) filter (stderr > 0) se_pos, "
                           "count(*) filter (stderr > 0) n_pos from memscores where sweep = ?", [name])[0]
         figs = [_img(plots.png(plots.scores_figure(
             {"noisy": [r["score"] for r in rows if r["is_noisy"] and r["score"] is not None],
              "clean": [r["score"] for r in rows if not r["is_noisy"] and r["score"] is not None]},
-            f"{name}: K={meta['k']}, r={meta['r']:g}, {meta['arch']}", 0.25)), "scores")]
+            f"{name}: K={meta['k']}, r={meta['r']:g}, {meta['arch']}", first.rare_threshold)), "scores")]
         rel = f"figures/sweep={name}/{name}/top_scoring.png"
         if tables.exists(store.results, rel):
             figs.append(_img(tables.read_bytes(store.results, rel), "top-scoring examples"))

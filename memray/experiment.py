@@ -38,7 +38,7 @@ from .probes.localize import localization_rows
 from .probes.retraining import retrain_item
 from .probes.rewinding import rewind_item
 from .summary import epoch_metrics, final_metrics, flip_summary, layer_summary, localization_summary
-from .tables import TrialStore, check_memscores, read_memscores
+from .tables import TrialStore, check_memscores
 from .train import Diverged, Trainer, example_correctness, load_state, pick_device, predict, save_state
 
 WorkItem = tuple
@@ -80,8 +80,7 @@ def rare_ids(results: str, cfg: ExperimentConfig, data: Data) -> list[int]:
     """The rare examples of the scores the config names (EXPERIMENTS.md section 8): clean, with a
     score at or above `analyses.rare_threshold` (examples without a score are not rare)."""
     name, threshold = cfg.analyses.memscores, cfg.analyses.rare_threshold
-    check_memscores(results, name, cfg.data, data.n_train)
-    t = read_memscores(results, name, ["example_id", "is_noisy", "score"]).to_pydict()
+    t = check_memscores(results, name, cfg.data, data.n_train, ("example_id", "is_noisy", "score")).to_pydict()
     return sorted(i for i, noisy, s in zip(t["example_id"], t["is_noisy"], t["score"])
                   if not noisy and s is not None and s >= threshold)
 

@@ -229,10 +229,12 @@ def read_memscores(results: str, sweep: str, columns: list[str] | None = None) -
 MEMSCORES_MATCH = ("dataset", "noise_rate", "noise_kind", "data_seed")  # EXPERIMENTS.md section 8
 
 
-def check_memscores(results: str, sweep: str, data, n_train: int | None = None) -> None:
+def check_memscores(results: str, sweep: str, data, n_train: int | None = None,
+                    columns: tuple[str, ...] = ()) -> pa.Table:
     """The scores a grid names must be of its data: the same dataset, noise rate and kind, data
-    seed (and, when given, training-set size). Raises ValueError naming the first that differs."""
-    t = read_memscores(results, sweep, list(MEMSCORES_MATCH))
+    seed (and, when given, training-set size). Raises ValueError naming the first that differs;
+    returns the table (the match columns and `columns`), read once."""
+    t = read_memscores(results, sweep, list(dict.fromkeys([*MEMSCORES_MATCH, *columns])))
     first = t.slice(0, 1).to_pylist()[0] if t.num_rows else {}
     for name in MEMSCORES_MATCH:
         theirs, ours = first.get(name), getattr(data, name)
@@ -243,6 +245,7 @@ def check_memscores(results: str, sweep: str, data, n_train: int | None = None) 
     if n_train is not None and t.num_rows != n_train:
         raise ValueError(f"memscores={sweep!r} does not match: it scores {t.num_rows} training examples, the "
                          f"trial's training set has {n_train} (train_limit)")
+    return t
 
 
 def default_mlflow_uri(results: str) -> str:

@@ -2,17 +2,19 @@
 uses its scores: bad input, the tables, kill-and-resume, rare targets and findings 5b/8a/8b."""
 import glob
 import json
+import math
 import os
-import signal
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from memray import memscores as M
 from memray import tables
 
-from .conftest import PY, run_cli
 from .conftest import q as rows
+from .conftest import run_cli
 from .test_sweep_reliability import finish, start, wait_for
 
 SCORE = "sweeps.memorization_scores"
@@ -103,12 +105,22 @@ def test_scoring_sweep_writes_its_tables_figures_and_mlflow_run(scores):
     assert t.num_rows == 1400 and t.schema.remove_metadata() == tables.SCHEMAS["memscores"]
     d = t.to_pydict()
     assert set(d["models"]) == {8} and set(d["subset_fraction"]) == {0.7}
-    for i in range(1400):  # every model holds each example in or out
-        assert d["n_in"][i] + d["n_out"][i] == 8
-        if d["n_in"][i] == 0 or d["n_out"][i] == 0:
+    # recomputed here, in numpy, from the models' predictions and their regenerated subsets
+    preds = np.array(rows(results, "memscore_models", "select predictions from t order by model_index"),
+                     dtype=object)
+    preds = np.stack([np.asarray(p[0]) for p in preds])  # (8, 1400)
+    inside = np.stack([M.subset_mask(m[1], 1400, 0.7).numpy() for m in models])
+    right = preds == np.asarray(d["given_label"])[None]
+    for i in range(1400):
+        n_in = int(inside[:, i].sum())
+        assert (d["n_in"][i], d["n_out"][i]) == (n_in, 8 - n_in)
+        if n_in in (0, 8):
             assert d["score"][i] is None and d["stderr"][i] is None
         else:
-            assert d["score"][i] == pytest.approx(d["acc_in"][i] - d["acc_out"][i])
+            a, b = right[inside[:, i], i].mean(), right[~inside[:, i], i].mean()
+            assert d["acc_in"][i] == pytest.approx(a) and d["acc_out"][i] == pytest.approx(b)
+            assert d["score"][i] == pytest.approx(a - b)
+            assert d["stderr"][i] == pytest.approx(math.sqrt(a * (1 - a) / n_in + b * (1 - b) / (8 - n_in)))
     # the scores' own check, on real models: noisy examples score higher than clean ones
     assert "noisy > clean, one-sided Mann-Whitney p = " in out
     p = float(out.split("one-sided Mann-Whitney p = ")[1].split()[0])
