@@ -1,27 +1,46 @@
 # Two commands from a fresh clone: `make sweep` and `make test`. Both (re)build .venv only when
-# pyproject.toml changed since the last install.
+# requirements.lock or pyproject.toml changed since the last install. The venv is exactly the lock:
+# pip installs it with hashes checked (pip, not uv: pip takes the torch wheels a machine keeps on
+# disk), then the project itself without dependencies.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
+# `make lock` keeps every pin that still satisfies pyproject.toml; `make lock-upgrade` takes the
+# newest releases it allows. Both resolve for CPython 3.11 on this platform (Linux x86_64).
+COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+	--custom-compile-command "make lock" -o $(LOCK)
 
-.PHONY: sweep test test-fast install bench clean
+.PHONY: sweep test test-fast install check-env lock lock-upgrade bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
 install: $(STAMP)
 
+# Fails, naming each package, when the venv is not the lock (pip check, then versions).
+check-env: $(STAMP)
+	@$(PY) scripts/check_env.py $(LOCK)
+
+lock:
+	@test -x $(VENV)/bin/uv || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install -q uv; }
+	$(COMPILE)
+
+lock-upgrade:
+	@test -x $(VENV)/bin/uv || { test -x $(PY) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install -q uv; }
+	$(COMPILE) --upgrade
+
 sweep: $(STAMP)
 	$(PY) -m sweeps.dropout_grid $(ARGS)
 
-test: $(STAMP)
+test: check-env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: check-env
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)

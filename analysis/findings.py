@@ -45,6 +45,7 @@ Rows = list[dict[str, Any]]
 MIN_SEEDS = 3
 MIN_TARGETS = 8
 ALPHA = 0.05
+VERDICTS = ("agree", "differ", "inconclusive")
 WINDOW = (0.1, 0.9)  # memorization window: train_noisy between these fractions of its final value
 
 
@@ -89,12 +90,20 @@ class Verdict:
     criterion: str
     gated: bool
     p: float = math.nan  # the one-sided p a placebo-gated verdict is Holm-corrected on
-    reason: str = ""  # why inconclusive
+    reason: str = ""  # why (too few seeds, no scores, ...): its own field; `verdict` is one word
+    method: str | None = None  # the localization method a 7a/7b row judges; else None
+    track: str | None = None  # the localization track (section 7); None before protocol 3
+    placebo_twin: str | None = None  # the placebo twin's verdict, None when the sweep has none
 
     def row(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["verdict"] = self.verdict + (f" ({self.reason})" if self.reason and self.verdict == "inconclusive" else "")
-        return d
+        """The verdict as data (ARCHITECTURE.md, "Verdicts as data")."""
+        assert self.verdict in VERDICTS, self.verdict
+        return asdict(self)
+
+    @property
+    def shown(self) -> str:
+        """The verdict as a person reads it: 'inconclusive (why)'."""
+        return self.verdict + (f" ({self.reason})" if self.reason and self.verdict == "inconclusive" else "")
 
 
 def _verdict(fid: str, cell: Cell, **kw) -> Verdict:
@@ -605,14 +614,14 @@ def finding_7a(cell: Cell) -> list[Verdict]:
         text = f"{method} localizes memorization (precision@|truth| vs ETD's truth)"
         if min(len(paired), len(clean)) < MIN_TARGETS:
             out.append(inconclusive("7a", cell, f"{len(paired)} noisy / {len(clean)} clean targets, need {MIN_TARGETS}",
-                                    finding=text, n=len(paired) + len(clean)))
+                                    finding=text, method=method, n=len(paired) + len(clean)))
             ps.append(math.nan)
             continue
         p1 = wilcoxon_less([b for _, b in paired], [a for a, _ in paired])  # mask_only < method
         p2 = mann_whitney_less(list(clean.values()), [a for a, _ in paired])  # clean < noisy
         p = max(p1, p2)
         ps.append(p)
-        out.append(_verdict("7a", cell, finding=text, verdict="agree" if p < ALPHA else "differ", p=p,
+        out.append(_verdict("7a", cell, finding=text, method=method, verdict="agree" if p < ALPHA else "differ", p=p,
                             n=len(paired) + len(clean),
                             value=f"median noisy {_median([a for a, _ in paired]):.3f}, clean "
                                   f"{_median(list(clean.values())):.3f}",
@@ -641,8 +650,8 @@ def finding_7b(cell: Cell) -> Verdict:
     best = max(med, key=med.get)
     near = [m for m in med if med[m] >= med[best] - 0.05]
     cheapest = min(near, key=lambda m: _median(secs[m]))
-    passed = {v.finding.split(" ")[0] for v in finding_7a(cell) if v.verdict == "agree"}
-    return _verdict("7b", cell, verdict="agree" if cheapest in passed else "differ",
+    passed = {v.method for v in finding_7a(cell) if v.verdict == "agree"}
+    return _verdict("7b", cell, method=cheapest, verdict="agree" if cheapest in passed else "differ",
                     n=sum(len(v.get("noisy", {})) for v in prec.values()),
                     value=f"best {best} ({med[best]:.3f}); cheapest within 0.05: {cheapest} ({med[cheapest]:.3f}, "
                           f"{1000 * _median(secs[cheapest]):.0f} ms/target)",
@@ -806,8 +815,8 @@ def sweep_verdicts(store: Store, sweeps: list[str]) -> list[Verdict]:
 
 
 # ----------------------------------------------------------------------------- the CLI
-COLUMNS = ("id", "finding", "cell", "protocol", "seeds", "n", "verdict", "value", "control", "interval_or_p",
-           "criterion")
+COLUMNS = ("id", "finding", "cell", "method", "track", "protocol", "seeds", "n", "verdict", "reason", "value",
+           "control", "interval_or_p", "criterion", "placebo_twin")
 
 
 def summary_lines(verdicts: list[Verdict]) -> list[str]:
@@ -840,12 +849,13 @@ def html_table(verdicts: list[Verdict]) -> str:
     """The verdicts as an HTML table, each verdict cell classed agree/differ/inconclusive."""
     import html
 
-    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in COLUMNS)
+    cols = [c for c in COLUMNS if c not in ("reason", "track", "placebo_twin")]  # the reason shows in the verdict
+    head = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in cols)
     body = []
     for v in verdicts:
-        r = v.row()
+        r = {**v.row(), "verdict": v.shown, "method": v.method or ""}
         body.append("<tr>" + "".join(f"<td class='{v.verdict if c == 'verdict' else ''}'>{html.escape(str(r[c]))}</td>"
-                                     for c in COLUMNS) + "</tr>")
+                                     for c in cols) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
@@ -877,14 +887,13 @@ def render(verdicts: list[Verdict], fmt: str) -> str:
         w.writeheader()
         w.writerows(rows)
         return buf.getvalue()
-    width = {"id": 3, "cell": 34, "seeds": 5, "n": 4, "verdict": 12}
+    width = {"id": 3, "cell": 34, "method": 20, "seeds": 5, "n": 4, "verdict": 12}
     lines = summary_lines(verdicts) + [""]
-    lines.append("  ".join(f"{c:{width.get(c, 0)}}" for c in ("id", "cell", "seeds", "n", "verdict"))
+    lines.append("  ".join(f"{c:{width.get(c, 0)}}" for c in ("id", "cell", "method", "seeds", "n", "verdict"))
                  + "  value | control | interval or p")
-    for r in rows:
-        verdict = r["verdict"]
-        lines.append(f"{r['id']:3}  {r['cell']:34}  {r['seeds']:5}  {r['n']:4}  {verdict:12}  "
-                     f"{r['value']} | {r['control']} | {r['interval_or_p']}")
+    for v, r in zip(verdicts, rows):
+        lines.append(f"{r['id']:3}  {r['cell']:34}  {r['method'] or '':20}  {r['seeds']:5}  {r['n']:4}  "
+                     f"{v.shown:12}  {r['value']} | {r['control']} | {r['interval_or_p']}")
     return "\n".join(lines)
 
 

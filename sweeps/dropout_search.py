@@ -124,6 +124,27 @@ def study_storage(args) -> str:
     return f"sqlite:///{args.results_dir}/optuna.db"
 
 
+def make_searcher(objective: str, study_name: str, storage: str, seed: int, num_samples: int, max_concurrent: int):
+    """Tune's searcher for `objective`: OptunaSearch over the study in `storage`, TPE for one
+    objective, NSGA-II (its Pareto front) for several, at most `max_concurrent` trials at once.
+    It survives pickle and cloudpickle round trips (Tune pickles it; see sweeps.samplers)."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .samplers import NSGAIISampler
+
+    multi = MULTI.get(objective)
+    if multi:  # several objectives: NSGA-II and its Pareto front; no early stopping (ASHA ranks one metric)
+        sampler = NSGAIISampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, num_samples // 3)))
+    kw = {"metric": [f"objective/{n}" for n, _ in multi], "mode": [d for _, d in multi]} if multi else {}
+    return ConcurrencyLimiter(OptunaSearch(sampler=sampler, study_name=study_name,
+                                           storage=optuna.storages.RDBStorage(storage), **kw),
+                              max_concurrent=max_concurrent)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -148,15 +169,7 @@ def main(argv=None) -> int:
         return 2
     import optuna
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
-    multi = MULTI.get(args.objective)
-    if multi:  # several objectives: NSGA-II and its Pareto front; no early stopping (ASHA ranks one metric)
-        sampler = optuna.samplers.NSGAIISampler(seed=args.search_seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=args.search_seed,
-                                             n_startup_trials=min(10, max(2, args.num_samples // 3)))
     if "://" not in args.results_dir:
         os.makedirs(args.results_dir, exist_ok=True)  # the default study database lives there
     if run_id is None:  # a fresh run of this sweep name starts its study afresh: one trial per Tune trial
@@ -164,10 +177,9 @@ def main(argv=None) -> int:
             optuna.delete_study(study_name=args.name, storage=args.storage)
         except KeyError:
             pass
-    storage = optuna.storages.RDBStorage(args.storage)
-    kw = {"metric": [f"objective/{n}" for n, _ in multi], "mode": [d for _, d in multi]} if multi else {}
-    searcher = ConcurrencyLimiter(OptunaSearch(sampler=sampler, study_name=args.name, storage=storage, **kw),
-                                  max_concurrent=args.max_concurrent)
+    multi = MULTI.get(args.objective)
+    searcher = make_searcher(args.objective, args.name, args.storage, args.search_seed, args.num_samples,
+                             args.max_concurrent)
     # max_t one past the last epoch: a trial that trains to the end still reports and runs its analyses
     scheduler = None if multi else ASHAScheduler(time_attr="epoch", max_t=args.epochs + 1,
                                                  grace_period=spec["grace_period"],

@@ -355,10 +355,32 @@ def test_7a_null_clear_and_too_few_targets():
     assert rate <= 0.05
     clear = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), u, u)], "example_tied"))
     assert [v.verdict for v in clear] == ["agree", "agree"] and "Holm over methods" in clear[0].interval_or_p
-    assert clear[0].finding.startswith("grad_x_act localizes")
+    assert clear[0].finding.startswith("grad_x_act localizes") and clear[0].method == "grad_x_act"
     few = F.finding_7a(cell([loc_rows(random.Random(1), 5, u, u, u)], "example_tied"))
     assert {v.verdict for v in few} == {"inconclusive"}
     # the cheapest method within 0.05 of the best, and whether it localizes
     b = F.finding_7b(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), u, u)], "example_tied"))
-    assert b.verdict == "agree" and "cheapest within 0.05: grad_x_act" in b.value
+    assert b.verdict == "agree" and "cheapest within 0.05: grad_x_act" in b.value and b.method == "grad_x_act"
     assert F.finding_7b(cell([{}], "example_tied")).verdict == "inconclusive"
+
+
+def test_verdicts_as_data_keep_the_reason_apart_and_name_the_method():
+    """json/csv rows: `verdict` is one of three words, why is in `reason`; every 7a row names its
+    method in its own field and in the text table."""
+    import csv
+    import io
+    import json
+
+    u = lambda r: r.uniform(0.2, 0.6)  # noqa: E731
+    vs = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), u, u)], "example_tied"))
+    vs.append(F.finding_1a(cell([grad_seed(random.Random(1), 5.0) for _ in range(2)])))  # too few seeds
+    rows = json.loads(F.render(vs, "json"))
+    assert [r["verdict"] for r in rows] == ["agree", "agree", "inconclusive"]
+    assert rows[2]["reason"] == "2 usable seeds, need 3" and rows[0]["reason"] == ""
+    assert [r["method"] for r in rows] == ["grad_x_act", "zero_out", None]
+    assert all(set(F.COLUMNS) == set(r) for r in rows)
+    assert [r["verdict"] for r in csv.DictReader(io.StringIO(F.render(vs, "csv")))] == ["agree", "agree", "inconclusive"]
+    text = F.render(vs, "table").splitlines()
+    assert any(line.startswith("7a ") and " grad_x_act " in line for line in text)
+    assert any(line.startswith("7a ") and " zero_out " in line for line in text)
+    assert any(line.startswith("1a ") and "inconclusive (2 usable seeds, need 3)" in line for line in text)

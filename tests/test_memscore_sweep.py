@@ -197,7 +197,8 @@ def test_grid_with_scores_has_rare_targets_and_findings(scores):
     verdicts = {(v["id"], v["cell"].split("-")[2].split()[0]): v for v in json.loads(out.stdout)}
     assert verdicts[("8a", "plain")]["verdict"] == "agree"  # noisy above clean, p far below 0.05
     for fid, cell in (("8b", "plain"), ("5b", "etd")):  # judged (too few targets in a tiny grid), not skipped
-        assert "no memorization scores" not in verdicts[(fid, cell)]["verdict"], verdicts[(fid, cell)]
+        assert "no memorization scores" not in verdicts[(fid, cell)]["reason"], verdicts[(fid, cell)]
+    assert {v["verdict"] for v in verdicts.values()} <= {"agree", "differ", "inconclusive"}
     page = run_cli("--results-dir", str(results), "--sweep", "g", "--out", str(results / "report"),
                    module="analysis.report")
     assert page.returncode == 0, page.stderr
