@@ -26,7 +26,7 @@ ARCHS = ("mlp", "lenet", "resnet9", "resnet50", "vit_small")
 ARCH_REJECTS_1D = ("resnet50",)
 DROPOUT_KINDS = ("none", "standard", "example_tied")
 NOISE_KINDS = ("label", "placebo")  # placebo: the "noisy" examples keep their true labels
-PROTOCOL = 2  # EXPERIMENTS.md's version: results of different protocols are never pooled
+PROTOCOL = 3  # EXPERIMENTS.md's version: results of different protocols are never pooled
 # Fields added after protocol 2: left out of the canonical form (so of the trial key) while they
 # hold these defaults, so adding one keeps every existing key.
 OMIT_AT_DEFAULT: dict[tuple[str, str], Any] = {("analyses", "memscores"): None, ("analyses", "rare_threshold"): 0.25}
@@ -34,8 +34,24 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # sweep names 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "triangle", "cosine", "step", "constant")
 ANALYSES = ("gradients", "rewind", "retrain", "flip", "localize")
-LOCALIZE_METHODS = ("greedy", "random", "mask_only", "zero_out", "grad_x_act", "integrated_gradients", "activation",
-                    "slimming")
+# localization methods (section 7): the methods, the leak controls (mask_only, class_mean, random) and
+# the oracle (the target's own mask: a plumbing check and the ceiling of the log-prob fall)
+LOCALIZE_METHODS = ("greedy", "random", "mask_only", "class_mean", "oracle", "zero_out", "grad_x_act",
+                    "integrated_gradients", "activation", "slimming")
+LOCALIZE_TRACKS = ("decoy", "all")
+# analyses.* fields and the analyses that read them: a trial that runs none of those leaves the
+# field out of its canonical form (so adding a localization method keeps the keys of trials
+# without `localize`); a trial that runs one keeps the field's full value in its key
+FIELD_USERS: dict[str, tuple[str, ...]] = {
+    "snapshot_thresholds": ("rewind",), "snapshot_epochs": ("rewind", "retrain"),
+    **{f: ("retrain",) for f in ("retrain_epoch", "retrain_lr", "retrain_weight_decay", "retrain_max_epochs",
+                                "retrain_patience")},
+    **{f: ("flip",) for f in ("flip_targets", "flip_budget", "flip_reference", "flip_targets_per_batch",
+                             "flip_sites")},
+    "eval_samples": ("flip", "localize"),
+    **{f: ("localize",) for f in ("localize_methods", "localize_tracks", "localize_k", "localize_targets",
+                                 "localize_reference", "localize_budget", "ig_steps")},
+}
 DEFAULT_WIDTH = {"mlp": 512, "lenet": 16, "resnet9": 16, "resnet50": 64, "vit_small": 64}
 # Evaluation modes (EXPERIMENTS.md section 5: `plain` without ETD; `own`, `all`, `drop` with it) and
 # subsets: the `evals` table's `mode` and `subset` values. Metric names are `metric_key(mode, subset)`.
@@ -196,8 +212,9 @@ class AnalysisConfig:
     flip_targets_per_batch: int = 64  # targets searched together (1: one at a time)
     flip_sites: tuple[int, ...] | None = None  # sites whose units may be zeroed (None: all)
     eval_samples: int = 512  # fixed sample size per subset for post-edit accuracies
-    # localization methods (section 7), scored against ETD's truth in mode `own`
+    # localization methods (section 7), scored against ETD's truth in each track (decoy, all)
     localize_methods: tuple[str, ...] = LOCALIZE_METHODS
+    localize_tracks: tuple[str, ...] = LOCALIZE_TRACKS
     localize_k: tuple[int, ...] = (8, 32)  # fixed k for precision@k (k = |truth| is always scored)
     localize_targets: int = 16  # noisy targets (and as many clean ones)
     localize_reference: int = 32  # reference batch R
@@ -226,6 +243,9 @@ class AnalysisConfig:
         _require(len(self.localize_methods) > 0 and all(m in LOCALIZE_METHODS for m in self.localize_methods)
                  and len(set(self.localize_methods)) == len(self.localize_methods), "analyses.localize_methods",
                  list(self.localize_methods), f"distinct names from {list(LOCALIZE_METHODS)}")
+        _require(len(self.localize_tracks) > 0 and all(t in LOCALIZE_TRACKS for t in self.localize_tracks)
+                 and len(set(self.localize_tracks)) == len(self.localize_tracks), "analyses.localize_tracks",
+                 list(self.localize_tracks), f"distinct names from {list(LOCALIZE_TRACKS)}")
         _require(len(self.localize_k) > 0 and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
                                                   for k in self.localize_k), "analyses.localize_k",
                  list(self.localize_k), "a non-empty list of integers >= 1")
@@ -286,6 +306,10 @@ class ExperimentConfig:
         for (section, name), default in OMIT_AT_DEFAULT.items():
             if d[section].get(name) == default:
                 del d[section][name]
+        run = set(self.analyses.run)
+        for name, users in FIELD_USERS.items():  # settings of analyses this trial does not run
+            if not run & set(users):
+                del d["analyses"][name]
         return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     @property

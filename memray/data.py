@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import streams
 from .config import DataConfig
 from .sources import TORCHVISION, _open_tv, default_data_dir, prepare
 from .tables import write_local
@@ -94,13 +95,14 @@ class Data:
 
 # ----------------------------------------------------------------------------- label noise
 def add_label_noise(y: torch.Tensor, num_classes: int, rate: float, seed: int):
-    """Replace the labels of round(rate * N) examples, chosen uniformly from `seed`, with a label
-    drawn uniformly from the *other* classes. Returns (given labels, noise mask)."""
-    g = torch.Generator().manual_seed(seed)
+    """Replace the labels of round(rate * N) examples, chosen uniformly from the data seed's
+    `data.noise` stream, with a label drawn uniformly from the *other* classes. Returns (given
+    labels, noise mask)."""
+    rng = streams.numpy_rng("data.noise", seed)
     n = y.shape[0]
     n_noisy = int(round(rate * n))
-    idx = torch.randperm(n, generator=g)[:n_noisy]
-    shift = torch.randint(1, num_classes, (n_noisy,), generator=g)
+    idx = torch.from_numpy(rng.permutation(n)[:n_noisy])
+    shift = torch.from_numpy(rng.integers(1, num_classes, n_noisy))
     given = y.clone()
     given[idx] = (y[idx] + shift) % num_classes
     mask = torch.zeros(n, dtype=torch.bool)
@@ -115,7 +117,7 @@ def _digits():
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
     y = torch.tensor(d.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    perm = torch.from_numpy(streams.numpy_rng("data.split", DIGITS_SPLIT_SEED).permutation(len(y)))
     tr, te = perm[:DIGITS_N_TRAIN], perm[DIGITS_N_TRAIN:]
     return x[tr], y[tr], x[te], y[te], 10
 

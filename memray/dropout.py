@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from . import streams
 from .config import ConfigError, DropoutConfig
 from .sites import BinaryMasks
 
@@ -126,15 +127,22 @@ def _draw_bytes_(x: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
     return x
 
 
-def _example_keys(seed: int, ids: torch.Tensor) -> torch.Tensor:
-    """(B,) int32: each example's hashed id under the mask seed."""
-    base = int(hash32(torch.tensor([(seed * 0x9E3779B1) & _M32]))[0])
+def _stream_keys(seed: int, site: int) -> tuple[int, int]:
+    """(example key base, column key base) of one site: words of the mask seed's `etd.masks`
+    stream (memray.streams), two per site."""
+    words = streams.hash_keys("etd.masks", seed, 2 * (site + 1))
+    return int(words[2 * site]), int(words[2 * site + 1])
+
+
+def _example_keys(seed: int, ids: torch.Tensor, site: int = 0) -> torch.Tensor:
+    """(B,) int32: each example's hashed id under the mask seed's stream."""
+    base = int(hash32(torch.tensor([_stream_keys(seed, site)[0]]))[0])
     return _hash32_((ids.long() & _M32).to(torch.int32) ^ _i32(base))
 
 
 def _column_keys(seed: int, site: int, nbytes: int) -> torch.Tensor:
-    """(nbytes,) int32: hashed (seed, site, byte index) for one site's bytes."""
-    base = (seed * 0x9E3779B1 + (site + 1) * 0x85EBCA77) & _M32
+    """(nbytes,) int32: hashed (stream word, byte index) for one site's bytes."""
+    base = _stream_keys(seed, site)[1]
     k = (base + torch.arange(nbytes, dtype=torch.int64) * 0xC2B2AE3D) & _M32
     return hash32(k).to(torch.int32)
 
@@ -158,7 +166,7 @@ def draw_site_bytes(seed: int, site: int, ids: torch.Tensor, units: int, p: floa
     """(len(ids), ceil(units / 8)) uint8: bit j of byte b is unit 8b + j of the site, kept with
     probability p (see `byte_alias_table`), drawn from lowbias32(example key ^ column key) with
     no RNG stream."""
-    h1 = _mix16(_example_keys(seed, ids))
+    h1 = _mix16(_example_keys(seed, ids, site))
     k1 = _mix16(_column_keys(seed, site, (units + 7) // 8).to(ids.device))
     x = torch.empty(h1.shape[0], k1.shape[0], dtype=torch.int32, device=ids.device)
     _draw_block_(h1, k1, byte_alias_table(float(p)).to(ids.device), x, torch.empty_like(x))

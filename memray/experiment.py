@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from . import plots
+from . import plots, streams
 from .config import ExperimentConfig
 from .data import Data, load_data
 from .dropout import ExampleTiedDropout
@@ -49,7 +49,7 @@ ROW_ORDER: dict[str, Callable[[dict], tuple]] = {
     "rewinding": lambda r: (r["layer_index"], r["rewind_epoch"], r["subset"]),
     "retraining": lambda r: (r["layer_index"], r["rewind_epoch"], r["subset"]),
     "flips": lambda r: (r["method"], not r["is_noisy"], r["example_id"]),
-    "localization": lambda r: (r["method"], r["target_kind"], r["example_id"], r["k"]),
+    "localization": lambda r: (r["track"], r["method"], r["target_kind"], r["example_id"], r["k"]),
 }
 
 
@@ -66,21 +66,26 @@ def analysis_items(cfg: ExperimentConfig, n_groups: int, snapshot_epochs: list[i
         for method in ("greedy", "random"):
             items += [("flip", method, start, min(start + a.flip_targets_per_batch, n))
                       for start in range(0, n, a.flip_targets_per_batch)]
-    if "localize" in run:  # one item per method, every target batched (the slow methods first)
-        items += [("localize", m) for m in sorted(cfg.analyses.localize_methods, key=lambda m: -LOCALIZE_COST.get(m, 1))]
+    if "localize" in run:  # one item per (track, method), every target batched (the slow methods first)
+        etd = cfg.dropout.kind == "example_tied"
+        tracks = cfg.analyses.localize_tracks if etd else ("none",)  # plain models: every unit, no truth
+        methods = [m for m in cfg.analyses.localize_methods if etd or m not in NEEDS_ETD]
+        items += [("localize", t, m) for m in sorted(methods, key=lambda m: -LOCALIZE_COST.get(m, 1)) for t in tracks]
     return items
 
 
 # relative cost of the localization methods (measured on the default mlp): the slowest start first
 LOCALIZE_COST = {"greedy": 8, "slimming": 6, "zero_out": 5, "integrated_gradients": 4, "activation": 1,
-                 "grad_x_act": 1, "random": 0, "mask_only": 0}
+                 "grad_x_act": 1, "class_mean": 1, "random": 0, "mask_only": 0, "oracle": 0}
+NEEDS_ETD = ("mask_only", "oracle")  # read ETD's masks: nothing to say about a model without them
 
 
 def rare_ids(results: str, cfg: ExperimentConfig, data: Data) -> list[int]:
     """The rare examples of the scores the config names (EXPERIMENTS.md section 8): clean, with a
     score at or above `analyses.rare_threshold` (examples without a score are not rare)."""
     name, threshold = cfg.analyses.memscores, cfg.analyses.rare_threshold
-    t = check_memscores(results, name, cfg.data, data.n_train, ("example_id", "is_noisy", "score")).to_pydict()
+    t = check_memscores(results, name, cfg.data, data.n_train, ("example_id", "is_noisy", "score"),
+                        digest=data.digest()).to_pydict()
     return sorted(i for i, noisy, s in zip(t["example_id"], t["is_noisy"], t["score"])
                   if not noisy and s is not None and s >= threshold)
 
@@ -144,14 +149,14 @@ class AnalysisRunner:
                                       sites=list(a.flip_sites) if a.flip_sites is not None else None,
                                       etd=self.etd, eval_samples=a.eval_samples, seed=self.cfg.seed)
         if kind == "localize":
-            _, method = item
+            _, track, method = item
             a = self.cfg.analyses
             targets, ref, test_ids = self.localize_targets()
             if targets.numel() == 0:
                 return "localization", []
             return "localization", localization_rows(self.model, self.data, targets, ref, test_ids, [method],
                                                      list(a.localize_k), budget=a.localize_budget, etd=self.etd,
-                                                     seed=self.cfg.seed, ig_steps=a.ig_steps)
+                                                     track=track, seed=self.cfg.seed, ig_steps=a.ig_steps)
         raise ValueError(f"unknown work item {item!r}")
 
     def localize_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +169,7 @@ class AnalysisRunner:
             own = (lambda i: self.etd.example_masks(i)) if self.etd is not None else None
             ok = (predict(self.model, self.data.x_train, own).argmax(1) == self.data.y_train).cpu()
             noisy = self.data.noise_mask.cpu()
-            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 31)
+            g = streams.torch_generator("localize.targets", self.cfg.seed)
             rare = (self.data.rare_mask.cpu() if self.data.rare_mask is not None
                     else torch.zeros_like(noisy))
             groups = [torch.nonzero(ok & noisy).flatten(), torch.nonzero(ok & ~noisy & ~rare).flatten()]
@@ -344,7 +349,7 @@ class Trial:
         rows = [r for r in self.tables.get("etd_examples", []) if not r["is_noisy"] and r["own_correct"]]
         if not rows:
             return None
-        g = torch.Generator().manual_seed(self.cfg.seed)
+        g = streams.torch_generator("forgotten.sample", self.cfg.seed)
         groups = {}
         for label, want in (("forgotten by drop", False), ("kept by drop", True)):
             ids = torch.tensor([r["example_id"] for r in rows if r["drop_correct"] == want], dtype=torch.long)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, stack_module_state, vmap
 
+from . import streams
 from .config import ScoreConfig
 from .data import Data
 from .models import build_model
@@ -44,25 +45,9 @@ from .tables import SCHEMAS
 from .train import load_state, lr_factor, save_state
 
 
-def derive(seed: int, *tags: int) -> int:
-    """An independent 63-bit seed for one use of a model's seed (its subset, its initialisation,
-    each epoch's data order): splitmix64 over the seed and the tags, so no two uses (or models)
-    share a random stream."""
-    x = seed & (2**64 - 1)
-    for t in (*tags, 0):
-        x = (x + 0x9E3779B97F4A7C15 + t) & (2**64 - 1)
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-        x ^= x >> 31
-    return x >> 1
-
-
-SUBSET, INIT, ORDER = 1, 2, 3  # derive()'s tags
-
-
 def subset_mask(seed: int, n: int, fraction: float) -> torch.Tensor:
     """(n,) bool: the seeded subset S_k of round(fraction * n) training examples."""
-    g = torch.Generator().manual_seed(derive(seed, SUBSET))
+    g = streams.torch_generator("memscores.subset", seed)
     out = torch.zeros(n, dtype=torch.bool)
     out[torch.randperm(n, generator=g)[:round(fraction * n)]] = True
     return out
@@ -83,14 +68,14 @@ def scores(predictions: torch.Tensor, in_subset: torch.Tensor, labels: torch.Ten
 
 def _init(recipe: ScoreConfig, seed: int, in_shape, classes, dtype, device=None) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive(seed, INIT))
+        torch.manual_seed(streams.torch_seed("memscores.init", seed))
         return build_model(recipe.arch, recipe.resolved_width, in_shape, classes).to(dtype).to(device or "cpu")
 
 
 def _batches(seed: int, ids: torch.Tensor, epoch: int, batch_size: int) -> list[torch.Tensor]:
     """One epoch's batches of the model's subset `ids`, in the epoch's own seeded order (drawn
     when the epoch starts: nothing is held for the epochs ahead)."""
-    g = torch.Generator().manual_seed(derive(seed, ORDER, epoch))
+    g = streams.torch_generator("memscores.order", seed, epoch)
     return list(ids[torch.randperm(len(ids), generator=g)].split(batch_size))
 
 
@@ -339,8 +324,9 @@ class ScoringRun:
 
 
 def model_seed(k: int, base_seed: int = 0) -> int:
-    """Model k's subset (and init, and data order) seed."""
-    return base_seed * 1_000_003 + k
+    """Model k's seed (its subset, initialisation and data order each draw their own stream of
+    it): a 63-bit integer from the base seed's `memscores.model` stream for model k."""
+    return streams.torch_seed("memscores.model", base_seed, k)
 
 
 def model_seeds(models: int, base_seed: int = 0) -> list[int]:
@@ -372,7 +358,8 @@ def score_table(sweep: str, cfg: ScoreConfig, data: Data, predictions: np.ndarra
         v = cols[k][i]
         return None if math.isnan(v) else v
 
-    return [{"sweep": sweep, "dataset": d.dataset, "noise_rate": d.noise_rate, "noise_kind": d.noise_kind,
+    digest = data.digest()
+    return [{"sweep": sweep, "protocol": cfg.protocol, "data_digest": digest, "dataset": d.dataset, "noise_rate": d.noise_rate, "noise_kind": d.noise_kind,
              "data_seed": d.data_seed, "arch": cfg.arch, "width": cfg.resolved_width, "models": len(subset_seeds),
              "subset_fraction": cfg.subset_fraction, "example_id": i, "is_noisy": noisy[i], "given_label": given[i],
              "true_label": true[i], "n_in": int(cols["n_in"][i]), "n_out": int(cols["n_out"][i]),

@@ -138,37 +138,41 @@ def flips_figure(rows: Rows, title: str = "") -> plt.Figure:
 
 
 def localization_figure(rows: Rows, title: str = "") -> plt.Figure:
-    """Localization methods (section 7): left, median precision@k per method at each fixed k and at
-    k = |truth| (solid: noisy targets, dashed: clean, dotted: rare); right, the CDF of units to flip in each
-    method's rank order (noisy targets; not flipped within the budget: off the chart)."""
-    methods = sorted({r["method"] for r in rows})
+    """Localization methods (EXPERIMENTS.md section 7), medians over targets: left, precision@|truth|
+    minus chance in the `decoy` track; middle, AUROC minus 0.5 in the `all` track (bars: noisy
+    targets, hatched: clean; the leak controls must sit at 0); right, the CDF of units to flip in
+    each method's rank order (noisy targets, `decoy`, or every unit for a model without ETD)."""
     cmap = plt.get_cmap("tab10")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    has_truth = any(r["n_truth"] for r in rows)
-    for i, m in enumerate(methods):
-        for kind, ls in (("noisy", "-"), ("clean", "--"), ("rare", ":")):
-            sel = [r for r in rows if r["method"] == m and r["target_kind"] == kind and r["precision"] is not None]
-            fixed = sorted({r["k"] for r in sel if r["k"] != r["n_truth"]})
-            xs = [str(k) for k in fixed] + (["|truth|"] if has_truth else [])
-            ys = [_median([r["precision"] for r in sel if r["k"] == k and r["k"] != r["n_truth"]]) for k in fixed]
-            if has_truth:
-                ys.append(_median([r["precision"] for r in sel if r["k"] == r["n_truth"]]))
-            if sel:
-                ax1.plot(xs, ys, ls, marker="o", color=cmap(i), label=m if kind == "noisy" else None)
-        units = sorted({r["example_id"]: r for r in rows if r["method"] == m and r["target_kind"] == "noisy"
-                        and r["flipped"]}.values(), key=lambda r: r["units_to_flip"])
-        n_all = len({r["example_id"] for r in rows if r["method"] == m and r["target_kind"] == "noisy"})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    methods = sorted({r["method"] for r in rows})
+    color = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    for ax, track, col, base, label in ((axes[0], "decoy", "precision", "chance", "precision@|truth| - chance"),
+                                        (axes[1], "all", "auroc", None, "AUROC - 0.5")):
+        sel = [r for r in rows if r.get("track") == track and r["n_truth"] and r["k"] == r["n_truth"]
+               and r.get(col) is not None]
+        ms = sorted({r["method"] for r in sel})
+        for i, m in enumerate(ms):
+            for j, (kind, hatch) in enumerate((("noisy", None), ("clean", "//"))):
+                v = [r[col] - (r[base] if base else 0.5) for r in sel if r["method"] == m and r["target_kind"] == kind]
+                if v:
+                    ax.bar(i + 0.4 * j - 0.2, _median(v), width=0.38, color=color[m], hatch=hatch,
+                           edgecolor="black", lw=0.5)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(ms)), ms, rotation=45, ha="right", fontsize=7)
+        ax.set(xlabel="method", ylabel=label,
+               title=f"track {track}: noisy (solid) vs clean (hatched)" if ms else f"no track {track} rows")
+    ax = axes[2]
+    for m in methods:
+        sel = {r["example_id"]: r for r in rows if r["method"] == m and r["target_kind"] == "noisy"
+               and r.get("track") in ("decoy", "none", None) and r["flipped"] is not None}
+        units = sorted((r for r in sel.values() if r["flipped"]), key=lambda r: r["units_to_flip"])
         if units:
-            ax2.step([r["units_to_flip"] for r in units], [(j + 1) / n_all for j in range(len(units))], where="post",
-                     color=cmap(i), label=m)
-    ax1.set(xlabel="k", ylabel="precision@k vs ETD's truth (median)", ylim=(0, 1.02),
-            title=("precision@k: noisy (solid), clean (dashed)" + (", rare (dotted)" if any(
-                r["target_kind"] == "rare" for r in rows) else "")) if has_truth else "no ETD: no truth to score")
-    ax2.set(xlabel="units zeroed in rank order", ylabel="fraction of noisy targets flipped", xscale="log",
-            title="units to flip (CDF)")
-    for ax in (ax1, ax2):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.step([r["units_to_flip"] for r in units], [(j + 1) / len(sel) for j in range(len(units))], where="post",
+                    color=color[m], label=m)
+    ax.set(xlabel="units zeroed in rank order", ylabel="fraction of noisy targets flipped", xscale="log",
+           title="units to flip (CDF)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.suptitle(title or "Localization methods")
     fig.tight_layout()
     return fig

@@ -60,19 +60,30 @@ def layer_summary(tables: dict[str, Rows]) -> dict[str, float]:
 
 
 def localization_summary(rows: Rows) -> dict[str, float]:
-    """Per method and target kind: the median precision@|truth| (ETD trials), the median units to
-    flip in rank order (not flipped: infinite; NaN when that is the median), seconds per target.
-    Keys like 'localize/greedy/noisy/precision_at_truth'."""
+    """Per track, method and target kind (EXPERIMENTS.md section 7): the median precision@|truth|,
+    its lift over chance and AUROC (ETD trials), the median units to flip in rank order (where
+    flips are defined; not flipped: infinite; NaN when that is the median), the median fall of
+    log p(given label) after zeroing the top |truth| (or the smallest k), seconds per target.
+    Keys like 'localize/decoy/greedy/noisy/lift'."""
     out: dict[str, float] = {}
-    for (method, kind) in sorted({(r["method"], r["target_kind"]) for r in rows}):
-        sel = [r for r in rows if r["method"] == method and r["target_kind"] == kind]
-        key = f"localize/{method}/{kind}"
-        at_truth = [r["precision"] for r in sel if r["n_truth"] and r["k"] == r["n_truth"]]
-        if at_truth:
-            out[f"{key}/precision_at_truth"] = statistics.median(at_truth)
+    for (track, method, kind) in sorted({(r.get("track") or "none", r["method"], r["target_kind"]) for r in rows}):
+        sel = [r for r in rows if (r.get("track") or "none") == track and r["method"] == method
+               and r["target_kind"] == kind]
+        key = f"localize/{track}/{method}/{kind}"
+        at_truth = [r for r in sel if r["n_truth"] and r["k"] == r["n_truth"]]
+        for col, name in (("precision", "precision_at_truth"), ("lift", "lift"), ("auroc", "auroc")):
+            v = [r[col] for r in at_truth if r.get(col) is not None]
+            if v:
+                out[f"{key}/{name}"] = statistics.median(v)
         per_target = {r["example_id"]: r for r in sel}.values()
-        n = statistics.median(r["units_to_flip"] if r["flipped"] else math.inf for r in per_target)
-        out[f"{key}/median_units_to_flip"] = n if math.isfinite(n) else math.nan
+        flips = [(r["units_to_flip"] if r["flipped"] else math.inf) for r in per_target if r["flipped"] is not None]
+        if flips:
+            n = statistics.median(flips)
+            out[f"{key}/median_units_to_flip"] = n if math.isfinite(n) else math.nan
+        first = at_truth or [r for r in sel if r["k"] == min(x["k"] for x in sel)]
+        falls = [r["logp_drop"] for r in first if r.get("logp_drop") is not None]
+        if falls:
+            out[f"{key}/logp_drop"] = statistics.median(falls)
         out[f"{key}/seconds_per_target"] = statistics.median(r["seconds"] for r in per_target)
     return out
 

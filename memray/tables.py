@@ -52,13 +52,18 @@ SCHEMAS: dict[str, pa.Schema] = {
                         ("target_kind", pa.string()), ("is_noisy", pa.bool_()), ("given_label", pa.int32()),
                         ("true_label", pa.int32()), ("method", pa.string()), ("flipped", pa.bool_()),
                         ("n_units", pa.int32()), ("units", _units),
-                        *[(f"{w}_{s}_acc", pa.float64()) for w in ("pre", "post") for s in ("clean", "noisy", "test")]]),
+                        *[(f"{w}_{s}_acc", pa.float64()) for w in ("pre", "post") for s in ("clean", "noisy", "test")],
+                        ("site_units", pa.list_(pa.int32()))]),  # units per site the search could zero (finding 4c)
+    # EXPERIMENTS.md section 7: `mode` is the mode R ran in (own/all; plain models: plain), `track`
+    # decoy/all (plain models: none), `chance` |truth| / |candidates|, `lift` precision / chance
     "localization": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("example_id", pa.int64()),
                                ("target_kind", pa.string()), ("mode", pa.string()), ("method", pa.string()),
                                ("k", pa.int32()), ("n_candidates", pa.int32()), ("n_truth", pa.int32()),
                                ("precision", pa.float64()), ("recall", pa.float64()), ("flipped", pa.bool_()),
                                ("units_to_flip", pa.int32()), ("post_ref_acc", pa.float64()),
-                               ("post_test_acc", pa.float64()), ("seconds", pa.float64())]),
+                               ("post_test_acc", pa.float64()), ("seconds", pa.float64()), ("track", pa.string()),
+                               ("chance", pa.float64()), ("lift", pa.float64()), ("auroc", pa.float64()),
+                               ("given_before", pa.bool_()), ("logp_drop", pa.float64())]),
     "etd_examples": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("example_id", pa.int64()),
                                ("is_noisy", pa.bool_()), ("own_correct", pa.bool_()), ("all_correct", pa.bool_()),
                                ("drop_correct", pa.bool_())]),
@@ -66,7 +71,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 SCHEMAS["memscore_models"] = pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("model_index", pa.int32()),
                                         ("subset_seed", pa.int64()), ("predictions", pa.list_(pa.int16()))])
 # one fragment per scoring sweep, named after it (like `sweeps`); undefined scores (n_in or n_out 0) are null
-SCHEMAS["memscores"] = pa.schema([("sweep", pa.string()), ("dataset", pa.string()), ("noise_rate", pa.float64()),
+SCHEMAS["memscores"] = pa.schema([("sweep", pa.string()), ("protocol", pa.int32()), ("data_digest", pa.string()),
+                                  ("dataset", pa.string()), ("noise_rate", pa.float64()),
                                   ("noise_kind", pa.string()), ("data_seed", pa.int32()), ("arch", pa.string()),
                                   ("width", pa.int32()), ("models", pa.int32()), ("subset_fraction", pa.float64()),
                                   ("example_id", pa.int64()), ("is_noisy", pa.bool_()), ("given_label", pa.int32()),
@@ -230,12 +236,21 @@ MEMSCORES_MATCH = ("dataset", "noise_rate", "noise_kind", "data_seed")  # EXPERI
 
 
 def check_memscores(results: str, sweep: str, data, n_train: int | None = None,
-                    columns: tuple[str, ...] = ()) -> pa.Table:
-    """The scores a grid names must be of its data: the same dataset, noise rate and kind, data
-    seed (and, when given, training-set size). Raises ValueError naming the first that differs;
-    returns the table (the match columns and `columns`), read once."""
-    t = read_memscores(results, sweep, list(dict.fromkeys([*MEMSCORES_MATCH, *columns])))
+                    columns: tuple[str, ...] = (), digest: str | None = None) -> pa.Table:
+    """The scores a grid names must be of its data and protocol: the same protocol, dataset, noise
+    rate and kind, data seed (when given, training-set size and data digest: the given labels and
+    noise mask, which protocol 3's streams changed). Raises ValueError naming the first that
+    differs; returns the table (the match columns and `columns`), read once."""
+    from .config import PROTOCOL
+
+    t = read_memscores(results, sweep, list(dict.fromkeys(["protocol", "data_digest", *MEMSCORES_MATCH, *columns])))
     first = t.slice(0, 1).to_pylist()[0] if t.num_rows else {}
+    if first.get("protocol") != PROTOCOL:
+        raise ValueError(f"memscores={sweep!r} does not match: its protocol is {first.get('protocol')!r}, this code "
+                         f"runs protocol {PROTOCOL} (score the data again under it)")
+    if digest is not None and first.get("data_digest") != digest:
+        raise ValueError(f"memscores={sweep!r} does not match: its data_digest is {first.get('data_digest')!r}, the "
+                         f"trial's is {digest!r} (other labels or another noisy set: score the same data)")
     for name in MEMSCORES_MATCH:
         theirs, ours = first.get(name), getattr(data, name)
         same = (theirs is not None and abs(theirs - ours) < 1e-12) if name == "noise_rate" else theirs == ours

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import streams
 from .config import ETD_MODES, ExperimentConfig
 from .data import Data, augment, batches
 from .dropout import ExampleTiedDropout, StandardDropout
@@ -153,7 +154,7 @@ class Trainer:
         set_deterministic()
         self.data = data.to(self.device)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(streams.torch_seed("train.init", cfg.seed))
             self.model = build_model(cfg.model.arch, cfg.model.resolved_width, self.data.in_shape,
                                      self.data.num_classes).to(self.device)
         units = self.model.site_units
@@ -171,9 +172,10 @@ class Trainer:
         total = self.steps_per_epoch * o.epochs
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(o.schedule, s, total, o.warmup_frac))
-        self.gen_batches = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
-        self.gen_dropout = torch.Generator().manual_seed(cfg.seed * 1000 + 2)
-        self.gen_augment = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
+        # each random choice its own stream (EXPERIMENTS.md, "Random streams")
+        self.gen_batches = streams.torch_generator("train.order", cfg.seed)
+        self.gen_dropout = streams.torch_generator("train.dropout", cfg.seed)
+        self.gen_augment = streams.torch_generator("train.augment", cfg.seed)
         self.accounting = (GradientAccounting(self.model, self.data.noise_mask, cfg.data.data_seed)
                            if "gradients" in cfg.analyses.run and self.data.noise_mask.any() else None)
         self.epoch = 0
@@ -219,6 +221,11 @@ class Trainer:
             out["gradients"] = rows
         if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.optim.epochs:
             rows = [{"epoch": self.epoch, **r} for r in self.evaluate()]
+        elif self.needs_noisy_curve:  # the memorization window needs train_noisy every epoch
+            rows = [{"epoch": self.epoch, **r} for r in self.evaluate_noisy()]
+        else:
+            rows = []
+        if rows:
             self.history += rows
             out["evals"] = rows
         self._maybe_snapshot()
@@ -228,6 +235,26 @@ class Trainer:
         rows = []
         for mode in eval_modes(self.cfg):
             rows += evaluate(self.model, self.data, mode, self.etd)
+        return rows
+
+    @property
+    def needs_noisy_curve(self) -> bool:
+        """The gradient findings' memorization window and the rewinding snapshots read train_noisy
+        at every epoch (EXPERIMENTS.md, "The memorization window")."""
+        return bool({"gradients", "rewind", "retrain"} & set(self.cfg.analyses.run)) and bool(self.data.noise_mask.any())
+
+    @torch.no_grad()
+    def evaluate_noisy(self) -> list[dict[str, Any]]:
+        """train_noisy and train_noisy_true alone, in the mode memorization is read in (own for
+        ETD, plain otherwise): a tenth of an evaluation, between full ones."""
+        mode = "own" if self.etd is not None else "plain"
+        idx = torch.nonzero(self.data.noise_mask).flatten()
+        masks_for = (lambda i: self.etd.example_masks(idx[i])) if self.etd is not None else None
+        logits = predict(self.model, self.data.x_train[idx], masks_for)
+        rows = []
+        for subset, y in (("train_noisy", self.data.y_train[idx]), ("train_noisy_true", self.data.y_true[idx])):
+            acc, loss, n = subset_metrics(logits, y)
+            rows.append({"mode": mode, "subset": subset, "accuracy": acc, "loss": loss, "n": n})
         return rows
 
     def fit(self, on_epoch=None) -> list[dict[str, Any]]:

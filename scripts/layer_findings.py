@@ -12,7 +12,7 @@ import copy
 import time
 
 from analysis import findings
-from memray.config import ExperimentConfig
+from memray.config import PROTOCOL, ExperimentConfig
 from memray.experiment import run_trial
 from sweeps.presets import PRESETS
 
@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     pr = PRESETS["default"]
     cell = findings.Cell("script", f"{args.dataset}-{args.arch}-plain-n{args.noise:g}"
-                         + ("placebo" if args.noise_kind == "placebo" else ""), 2, "none", args.noise_kind)
+                         + ("placebo" if args.noise_kind == "placebo" else ""), PROTOCOL, "none", args.noise_kind)
     for seed in (int(s) for s in args.seeds.split(",")):
         d = copy.deepcopy(pr["base"])
         d["data"] = {"dataset": args.dataset, "noise_rate": args.noise, "noise_kind": args.noise_kind}

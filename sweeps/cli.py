@@ -9,7 +9,7 @@ import json
 import os
 
 from memray import tables
-from memray.config import LOCALIZE_METHODS, PROTOCOL, ExperimentConfig
+from memray.config import LOCALIZE_METHODS, LOCALIZE_TRACKS, PROTOCOL, ExperimentConfig
 
 
 class UsageError(Exception):
@@ -50,10 +50,13 @@ def add_localize_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--localize-methods", default=None,
                    help=f"localization methods to score, comma-separated from {list(LOCALIZE_METHODS)} [all]")
     p.add_argument("--localize-k", default=None, help="fixed k for precision@k, e.g. 8,32 [8,32]")
+    p.add_argument("--localize-tracks", default=None,
+                   help=f"localization tracks (EXPERIMENTS.md section 7), comma-separated from {list(LOCALIZE_TRACKS)} "
+                        f"[decoy,all]")
 
 
 def localize_overrides(args) -> dict:
-    """The `analyses` fields the localization flags set ({} when neither is given)."""
+    """The `analyses` fields the localization flags set ({} when none is given)."""
     out: dict = {}
     if args.localize_methods is not None:
         names = split_list("--localize-methods", args.localize_methods, str)
@@ -67,6 +70,13 @@ def localize_overrides(args) -> dict:
         if any(k < 1 for k in ks):
             raise UsageError(f"--localize-k={args.localize_k!r} is invalid: integers >= 1")
         out["localize_k"] = ks
+    if args.localize_tracks is not None:
+        tracks = split_list("--localize-tracks", args.localize_tracks, str)
+        bad = [t for t in tracks if t not in LOCALIZE_TRACKS]
+        if bad or len(set(tracks)) != len(tracks):
+            raise UsageError(f"--localize-tracks={args.localize_tracks!r} is invalid: "
+                             + (f"{bad[0]!r} is not one of {list(LOCALIZE_TRACKS)}" if bad else "a name is repeated"))
+        out["localize_tracks"] = tracks
     return out
 
 
@@ -92,6 +102,8 @@ def check_runtime(args) -> None:
 def check_memscores(args, configs: list[ExperimentConfig]) -> None:
     """The scores a grid names (--memscores) exist and are of every trial's data (dataset, noise
     rate and kind, data seed, training-set size)."""
+    from memray.data import load_data
+
     from .plan import TRAIN_SIZE
 
     # each (scores, data) pair once: the cells and seeds of a grid share them
@@ -101,6 +113,8 @@ def check_memscores(args, configs: list[ExperimentConfig]) -> None:
             tables.check_name("sweep", name)
             size = TRAIN_SIZE[data.dataset]
             tables.check_memscores(args.results_dir, name, data, min(data.train_limit or size, size))
+            # the data digest (given labels, noise mask) needs the data: loaded once the rest matches
+            tables.check_memscores(args.results_dir, name, data, digest=load_data(data, args.data_dir).digest())
         except ValueError as e:
             raise UsageError(f"--{e}") from None
 

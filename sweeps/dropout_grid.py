@@ -51,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--analyses", help=f"comma-separated from {list(ANALYSES)}, or 'none'")
     p.add_argument("--memscores", metavar="SWEEP",
                    help="a memorization-score sweep of the same data (python -m sweeps.memorization_scores): "
-                        "rare flip and localization targets, findings 5b and 8a-8b")
+                        "rare flip and localization targets, findings 5b, 7d and 8a-8b; with label and placebo "
+                        "cells, name each kind's scores: label=A,placebo=B")
     p.add_argument("--rare-threshold", type=float,
                    help="score from which a clean example is rare (with --memscores) [0.25]")
     add_localize_flags(p)
@@ -85,13 +86,8 @@ def build_configs(args) -> list[ExperimentConfig]:
     if args.rare_threshold is not None and args.memscores is None:
         raise UsageError(f"--rare-threshold={args.rare_threshold} is invalid without --memscores: rare examples "
                          f"are defined by memorization scores")
+    scores_by_kind = parse_memscores(args.memscores, axes["noise_kind"]) if args.memscores is not None else {}
     if args.memscores is not None:
-        try:
-            tables.check_name("sweep", args.memscores)
-        except ValueError:
-            raise UsageError(f"--memscores={args.memscores!r} is invalid: a scoring sweep's name (letters, digits, "
-                             f"'_', '-', '.')") from None
-        base["analyses"]["memscores"] = args.memscores
         if args.rare_threshold is not None:
             if not 0 < args.rare_threshold <= 1:
                 raise UsageError(f"--rare-threshold={args.rare_threshold} is invalid: a number in (0, 1]")
@@ -122,6 +118,8 @@ def build_configs(args) -> list[ExperimentConfig]:
             if lr is not None:
                 d["optim"]["lr"] = lr
             d.setdefault("analyses", {})["run"] = list(analyses)
+            if scores_by_kind:
+                d["analyses"]["memscores"] = scores_by_kind[kind_of_noise]
             snaps = d["analyses"].get("snapshot_epochs")
             if snaps:  # fixed snapshots past the end are never taken
                 d["analyses"]["snapshot_epochs"] = sorted(e for e in snaps if e <= epochs)
@@ -129,6 +127,36 @@ def build_configs(args) -> list[ExperimentConfig]:
             c = ExperimentConfig.from_dict(d)
             configs.setdefault(c.trial_key, c)
     return longest_first(list(configs.values()))
+
+
+def parse_memscores(text: str, kinds: list[str]) -> dict[str, str]:
+    """{noise kind: scoring sweep} from --memscores: one name (every cell of one noise kind), or
+    kind=NAME pairs naming each kind's scores (label=A,placebo=B: scores describe one data
+    config, and a placebo's labels are not the label cells')."""
+    parts = split_list("--memscores", text, str)
+    if len(parts) == 1 and "=" not in parts[0]:
+        if len(set(kinds)) > 1:
+            raise UsageError(f"--memscores={text!r} is invalid with --noise-kind {','.join(kinds)}: name each kind's "
+                             f"scores, e.g. --memscores label=A,placebo=B (a placebo's labels are not the label cells')")
+        out = {kinds[0]: parts[0]}
+    else:
+        out = {}
+        for part in parts:
+            kind, _, name = part.partition("=")
+            if kind not in NOISE_KINDS or not name or kind in out:
+                raise UsageError(f"--memscores={text!r} is invalid: one scoring sweep, or kind=SWEEP pairs with kinds "
+                                 f"from {list(NOISE_KINDS)}, each once")
+            out[kind] = name
+        missing = sorted(set(kinds) - set(out))
+        if missing:
+            raise UsageError(f"--memscores={text!r} is invalid: it names no scores for noise kind {missing[0]!r}")
+    for name in out.values():
+        try:
+            tables.check_name("sweep", name)
+        except ValueError:
+            raise UsageError(f"--memscores={text!r} is invalid: {name!r} is not a scoring sweep's name (letters, "
+                             f"digits, '_', '-', '.')") from None
+    return out
 
 
 def main(argv=None) -> int:

@@ -54,3 +54,24 @@ def test_canonical_json_and_trial_key_are_stable():
 def test_flat_view():
     flat = ExperimentConfig().flat()
     assert flat["data.dataset"] == "digits" and flat["seed"] == 0 and flat["optim.epochs"] == 60
+
+
+def test_adding_a_localization_method_changes_only_the_keys_of_trials_that_localize(monkeypatch):
+    """The fields of an analysis a trial does not run are left out of its key; a trial that runs
+    it keeps its full settings there (ARCHITECTURE.md, trial_key)."""
+    from memray import config as C
+
+    def key(run, methods):
+        return ExperimentConfig.from_dict({"analyses": {"run": run, "localize_methods": methods}}).trial_key
+
+    old = list(C.LOCALIZE_METHODS)
+    monkeypatch.setattr(C, "LOCALIZE_METHODS", (*C.LOCALIZE_METHODS, "new_method"))  # the registry grows
+    new = [*old, "new_method"]
+    for run in (["flip"], ["gradients", "rewind", "retrain", "flip"], []):
+        assert key(run, old) == key(run, new), run
+    for run in (["localize"], ["flip", "localize"]):
+        assert key(run, old) != key(run, new), run
+    cfg = ExperimentConfig.from_dict({"analyses": {"run": ["flip"]}})
+    canon = json.loads(cfg.canonical_json())["analyses"]
+    assert "flip_budget" in canon and "localize_methods" not in canon and "retrain_lr" not in canon
+    assert cfg.protocol == 3

@@ -77,7 +77,7 @@ def test_site_bytes_are_the_alias_draw_of_the_full_hash():
     (example key ^ column key) word in full, then the alias draw."""
     ids = torch.tensor([0, 5, 4095, 2**20 + 3])
     got = draw_site_bytes(9, 2, ids, 77, 0.2)
-    h = _example_keys(9, ids).long() & 0xFFFFFFFF
+    h = _example_keys(9, ids, 2).long() & 0xFFFFFFFF
     k = _column_keys(9, 2, 10).long() & 0xFFFFFFFF
     words = hash32(h[:, None] ^ k[None, :])
     table = byte_alias_table(0.2)

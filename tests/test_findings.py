@@ -1,8 +1,9 @@
-"""The verdict functions on synthetic table rows: a control for each.
+"""The verdict rules on synthetic table rows (protocol 3): a control for each.
 
 For every placebo-gated finding (and 4b): treatment and control drawn from one distribution, 500
-times, give "agree" at most 5% of the time; a clear effect gives "agree"; too few seeds or targets
-give "inconclusive". Rows have the columns of ARCHITECTURE.md's tables.
+times, give "agree" at most 5% of the time; a clear effect gives "agree"; evidence on the other
+side gives "differ"; an effect too small for its n, too few seeds or targets give "inconclusive".
+Rows have the columns of ARCHITECTURE.md's tables.
 """
 import math
 import random
@@ -10,7 +11,10 @@ import subprocess
 
 import pytest
 
-from analysis import findings as F
+from analysis import findings
+from analysis import rules as F
+from analysis import stats
+from analysis.cells import TABLES, Cell, e_star, rewinding_classes
 
 from .conftest import PY
 
@@ -29,9 +33,9 @@ def evals(rng, mode="plain", final=1.0, extra=None):
 
 
 def cell(seed_tables, dropout="none", twin=None, kind="label"):
-    c = F.Cell("s", f"synthetic-{dropout}", 2, dropout, kind)
+    c = Cell("s", f"synthetic-{dropout}", 3, dropout, kind)
     for s, t in enumerate(seed_tables):
-        c.seeds[s] = {name: t.get(name, []) for name in F.TABLES}
+        c.seeds[s] = {name: t.get(name, []) for name in TABLES}
         c.keys[s] = f"k{s}"
     c.twin = twin
     return c
@@ -114,8 +118,8 @@ def test_2a_null_clear_and_too_few_seeds():
 def test_rewinding_classes_at_e_star():
     rng = random.Random(0)
     t = rewind_seed(rng, 0.0, critical={"fc2"})
-    assert F.e_star(t["evals"], [0, 8]) == 0  # epoch 8's train_noisy is 1.0 of final: not <= half
-    assert F.rewinding_classes(t["rewinding"], t["evals"]) == {"fc1": "partial", "fc2": "critical", "head": "partial"}
+    assert e_star(t["evals"], [0, 8]) == 0  # epoch 8's train_noisy is 1.0 of final: not <= half
+    assert rewinding_classes(t["rewinding"], t["evals"]) == {"fc1": "partial", "fc2": "critical", "head": "partial"}
 
 
 def test_2b_critical_groups_not_final():
@@ -158,7 +162,8 @@ def flip_rows(rng, n, noisy_units, clean_units, random_units, cost_noisy=None, c
                 rows.append({"example_id": ex, "target_kind": kind, "is_noisy": kind == "noisy", "method": method,
                              "flipped": True, "n_units": k, "units": [{"site": j % 3, "unit": j} for j in range(k)],
                              "pre_test_acc": 0.9, "post_test_acc": 0.9 - c, "pre_clean_acc": 1.0,
-                             "post_clean_acc": 1.0, "pre_noisy_acc": 1.0, "post_noisy_acc": 1.0})
+                             "post_clean_acc": 1.0, "pre_noisy_acc": 1.0, "post_noisy_acc": 1.0,
+                             "site_units": [64, 64, 64]})
     return rows
 
 
@@ -213,22 +218,54 @@ def test_4d_null_clear_and_too_few_targets():
     assert F.finding_4d(cell([{"flips": flip_rows(random.Random(1), 5, same, same, same)}])).verdict == "inconclusive"
 
 
-def test_4c_spread_over_sites_beyond_chance():
-    """Noisy targets' units on 2 sites while most zeroed units (the clean targets') sit on a third:
-    spread beyond what site shares give by chance agrees; the same spread when every site is used
-    alike is what chance gives (differ); all on one site differs."""
-    def rows(noisy_sites, clean_site=2, clean_units=40):
-        out = flip_rows(random.Random(1), 12, lambda r: 4, lambda r: clean_units, same)
+def test_4c_spread_and_not_held_by_the_final_site():
+    """Three equal sites: units spread over sites 0 and 1 (none at the final site) agree; spread
+    but mostly at the final site differs; all on one site differs (Wilson upper bound < 0.5)."""
+    def rows(noisy_sites):
+        out = flip_rows(random.Random(1), 12, lambda r: 4, lambda r: 10, same)
         for r in out:
-            if r["method"] == "greedy":
-                sites = noisy_sites if r["is_noisy"] else [clean_site]
-                r["units"] = [{"site": sites[j % len(sites)], "unit": j} for j in range(r["n_units"])]
+            if r["method"] == "greedy" and r["is_noisy"]:
+                r["units"] = [{"site": noisy_sites[j % len(noisy_sites)], "unit": j} for j in range(r["n_units"])]
         return cell([{"flips": out}])
 
     v = F.finding_4c(rows([0, 1]))
     assert v.verdict == "agree", v
-    assert F.finding_4c(rows([0, 1, 2], clean_units=4)).verdict == "differ"  # chance spreads as much
+    assert "final site holds 33% of the units" in v.control
+    assert F.finding_4c(rows([2, 2, 2, 0])).verdict == "differ"  # the final site holds 3/4 of each edit
     assert F.finding_4c(rows([1])).verdict == "differ"
+    few = F.finding_4c(cell([{"flips": flip_rows(random.Random(1), 5, lambda r: 4, same, same)}]))
+    assert few.verdict == "inconclusive" and "need 8" in few.reason
+
+
+def test_4c_of_a_protocol_2_sweep_is_inconclusive():
+    out = flip_rows(random.Random(1), 12, lambda r: 4, lambda r: 10, same)
+    for r in out:
+        r["site_units"] = None  # absent from older fragments
+    assert F.finding_4c(cell([{"flips": out}])).reason == "column site_units absent"
+
+
+def test_one_value_per_example():
+    """The same targets in three seeds (same values) give the n and p of one seed: the example,
+    not the (example, seed) pair, is the unit."""
+    one = flip_rows(random.Random(1), 10, lambda r: r.randint(2, 6), lambda r: r.randint(8, 30),
+                    lambda r: r.randint(300, 900))
+    single, triple = F.finding_4a(cell([{"flips": one}])), F.finding_4a(cell([{"flips": one}] * 3))
+    assert (single.n, single.p, single.verdict) == (triple.n, triple.p, triple.verdict) and single.n == 20
+    assert stats.per_example({(0, 7): 1.0, (1, 7): 3.0, (2, 7): math.inf, (0, 8): 2.0}) == {7: 3.0, 8: 2.0}
+
+
+def test_an_underpowered_effect_on_the_papers_side_is_inconclusive_not_differ():
+    """1a with noisy/control a little above 2 in two seeds and below in one: the interval spans
+    0, so neither side; 4d with noisy edits a bit cheaper but 8 targets each: not significant."""
+    def seed(r, ratio):
+        return grad_seed(r, ratio)
+    c = cell([seed(random.Random(1), 3.0), seed(random.Random(2), 2.6), seed(random.Random(3), 1.6)])
+    v = F.finding_1a(c)
+    assert v.verdict == "inconclusive" and v.reason.startswith("underpowered: interval"), v
+    weak = cell([{"flips": flip_rows(random.Random(3), 8, same, same, same, cost_noisy=lambda r: r.uniform(0, 0.02),
+                                     cost_clean=lambda r: r.uniform(0.005, 0.025))}])
+    v = F.finding_4d(weak)
+    assert v.verdict == "inconclusive" and v.reason.startswith("underpowered"), v
 
 
 # ----------------------------------------------------------------------------- 5a, 5b
@@ -284,8 +321,11 @@ def test_5b_counts_each_example_once_and_compares_scores():
     high = {i: (False, 0.9 if i < 10 else 0.1) for i in range(40)}
     v = F.finding_5b(scored(cell(etd(forgot), "example_tied"), high))
     assert v.verdict == "agree" and v.n == 40 and "(n=10)" in v.value and "(n=30)" in v.value and "AUC 1.000" in v.value
-    same = {i: (False, 0.1 * (i % 4)) for i in range(40)}
-    assert F.finding_5b(scored(cell(etd(forgot), "example_tied"), same)).verdict == "differ"
+    same = {i: (False, 0.1 * (i % 4)) for i in range(40)}  # no evidence either way
+    v = F.finding_5b(scored(cell(etd(forgot), "example_tied"), same))
+    assert v.verdict == "inconclusive" and v.reason.startswith("underpowered")
+    low = {i: (False, 0.1 if i < 10 else 0.9) for i in range(40)}  # forgotten ones score lower: the other side
+    assert F.finding_5b(scored(cell(etd(forgot), "example_tied"), low)).verdict == "differ"
     # too few forgotten examples with a score: inconclusive
     assert F.finding_5b(scored(cell(etd({**{i: 3 for i in range(5)}, **{i: 0 for i in range(5, 40)}}),
                                     "example_tied"), high)).verdict == "inconclusive"
@@ -297,7 +337,7 @@ def test_8a_is_judged_once_per_scoring_sweep_and_differs_without_a_gap():
     none = {i: (i < 20, rng.uniform(0.0, 0.2)) for i in range(200)}  # the placebo's picture
     a, b = scored(cell([{}], "none"), gap), scored(cell([{}], "none"), gap)
     b.name = "synthetic-other"
-    verdicts = [v for v in F.judge_sweep([a, b]) if v.id == "8a"]
+    verdicts = [v for v in findings.judge_sweep([a, b]) if v.id == "8a"]
     assert [v.verdict for v in verdicts] == ["agree"] and verdicts[0].n == 200
     assert F.finding_8a(scored(cell([{}], "none"), none)).verdict == "differ"
 
@@ -315,14 +355,49 @@ def test_8b_rare_targets_against_typical_clean_ones():
     assert F.finding_8b(scored(cell(rows(12, 12), "none"), {})).verdict == "differ"
 
 
-# ----------------------------------------------------------------------------- Holm, CLI
+# ----------------------------------------------------------------------------- Holm, placebo twins, CLI
 def test_holm():
-    assert F.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
-    # a gated "agree" that does not survive the correction becomes "differ"
+    assert stats.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
     cells = [cell([grad_seed(random.Random(i), 5.0) for _ in range(3)]) for i in range(3)]
-    out = F.judge_sweep(cells)
+    out = findings.judge_sweep(cells)
     assert {v.id for v in out} >= {"1a", "1b", "2a", "2b", "3", "4a", "4b", "4c", "4d"}
-    assert all("Holm" in v.interval_or_p for v in out if v.gated and v.verdict != "inconclusive")
+    assert all("Holm" in v.interval_or_p for v in out if v.gated and not math.isnan(v.p))
+
+
+def test_an_agree_that_fails_holm_is_inconclusive_never_differ():
+    """Thirty 4d cells with a moderate effect: each agrees alone (p about 0.0002-0.01), and the ones
+    Holm's correction over the thirty rejects become inconclusive, not differ."""
+    def c(i):
+        return cell([{"flips": flip_rows(random.Random(i), 10, same, same, same, cost_noisy=lambda r: r.uniform(0, 0.02),
+                                         cost_clean=lambda r: r.uniform(0.008, 0.038))}])
+    cells = [c(i) for i in range(30)]
+    alone = [F.finding_4d(x) for x in cells]
+    judged = [v for v in findings.judge_sweep(cells) if v.id == "4d"]
+    failed = [v for a, v in zip(alone, judged) if a.verdict == "agree" and v.verdict != "agree"]
+    assert failed and all(v.verdict == "inconclusive" and v.reason.startswith("fails Holm") for v in failed)
+
+
+def test_a_label_cells_agree_yields_to_its_placebo_twin():
+    """A label cell whose 1a agrees: its placebo twin agreeing at raw p < 0.05 makes it
+    inconclusive; a null twin leaves it agreeing with placebo_twin set; no twin says so; 2a is
+    vacuous under placebo."""
+    label = cell([grad_seed(random.Random(i), 5.0) for i in range(3)])
+    twin = cell([grad_seed(random.Random(10 + i), 5.0) for i in range(3)], kind="placebo")
+    label.placebo, twin.window_from = twin, label
+    v = {x.id: x for x in findings.judge_sweep([label, twin]) if x.noise_kind == "label"}
+    assert v["1a"].verdict == "inconclusive" and v["1a"].reason == "its placebo twin agrees"
+    assert v["1a"].placebo_twin == "agree"
+    assert v["2a"].reason.startswith("no rewinding rows") or v["2a"].reason == "placebo: vacuous"
+    null_twin = cell([grad_seed(random.Random(20 + i), 1.0) for i in range(3)], kind="placebo")
+    label2 = cell([grad_seed(random.Random(i), 5.0) for i in range(3)])
+    label2.placebo, null_twin.window_from = null_twin, label2
+    v = {x.id: x for x in findings.judge_sweep([label2, null_twin]) if x.noise_kind == "label"}
+    assert v["1a"].verdict == "agree" and v["1a"].placebo_twin in ("differ", "inconclusive")
+    alone = {x.id: x for x in findings.judge_sweep([cell([grad_seed(random.Random(i), 5.0) for i in range(3)])])}
+    assert alone["1a"].verdict == "agree" and alone["1a"].reason == "no placebo twin in this sweep"
+    assert alone["1a"].placebo_twin is None
+    rew = {x.id: x for x in findings.judge_sweep([cell([rewind_seed(random.Random(1), 1.0) for _ in range(3)])])}
+    assert rew["2a"].verdict == "agree" and rew["2a"].reason == "placebo: vacuous"
 
 
 def test_cli_bad_input_exits_2(tmp_path):
@@ -331,56 +406,82 @@ def test_cli_bad_input_exits_2(tmp_path):
     assert p.returncode == 2 and "--format='xml' is invalid" in p.stderr and p.stdout == ""
 
 
-# ----------------------------------------------------------------------------- 7a, 7b (localization)
-def loc_rows(rng, n, noisy_prec, clean_prec, base_prec, methods=("zero_out", "grad_x_act")):
+# ----------------------------------------------------------------------------- 7a-7d (localization)
+def loc_rows(rng, n, noisy_prec, clean_prec, methods=("zero_out", "grad_x_act"), control=None, track="decoy",
+             chance=0.5):
+    """Rows at k = |truth| = 40; the controls (mask_only, class_mean, random) at chance unless
+    `control` draws them."""
     rows = []
+    metric = "precision" if track == "decoy" else "auroc"
     for i in range(n):
         for kind, prec in (("noisy", noisy_prec), ("clean", clean_prec)):
             ex = i if kind == "noisy" else 1000 + i
-            for m in (*methods, "mask_only"):
-                p = base_prec(rng) if m == "mask_only" and kind == "noisy" else prec(rng)
-                rows.append({"example_id": ex, "target_kind": kind, "method": m, "k": 40, "n_truth": 40,
-                             "precision": p, "recall": p, "flipped": True, "units_to_flip": 5,
+            for m in (*methods, "mask_only", "class_mean", "random"):
+                if m in methods:
+                    v = prec(rng)
+                else:
+                    v = (control or (lambda r: (0.5 if metric == "auroc" else chance) + r.uniform(-0.05, 0.05)))(rng)
+                rows.append({"example_id": ex, "target_kind": kind, "track": track, "method": m, "k": 40,
+                             "n_truth": 40, "chance": chance, metric: v, "flipped": True, "units_to_flip": 5,
                              "seconds": 0.01 if m == "grad_x_act" else 0.5})
     return {"localization": rows}
 
 
-def test_7a_null_clear_and_too_few_targets():
-    def u(r):
-        return r.uniform(0.2, 0.6)
+def _u(r):
+    return r.uniform(0.4, 0.6)
 
+
+def test_7a_null_clear_leak_and_too_few_targets():
     def null(r):
-        return cell([loc_rows(r, 8, u, u, u)], "example_tied")
+        return cell([loc_rows(r, 8, _u, _u)], "example_tied")
     rate = sum(v.verdict == "agree" for i in range(200) for v in F.finding_7a(null(random.Random(i)))) / 400
     assert rate <= 0.05
-    clear = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), u, u)], "example_tied"))
-    assert [v.verdict for v in clear] == ["agree", "agree"] and "Holm over methods" in clear[0].interval_or_p
-    assert clear[0].finding.startswith("grad_x_act localizes") and clear[0].method == "grad_x_act"
-    few = F.finding_7a(cell([loc_rows(random.Random(1), 5, u, u, u)], "example_tied"))
+    clear = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), _u)], "example_tied"))
+    assert [v.verdict for v in clear] == ["agree", "agree"]
+    assert clear[0].method == "grad_x_act" and clear[0].track == "decoy"
+    below = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.2, 0.4), _u)], "example_tied"))
+    assert {v.verdict for v in below} == {"differ"}
+    leak = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), _u,
+                                       control=lambda r: r.uniform(0.7, 0.9))], "example_tied"))
+    assert {(v.verdict, v.reason) for v in leak} == {("inconclusive", "leak: mask_only, class_mean, random")}
+    few = F.finding_7a(cell([loc_rows(random.Random(1), 5, _u, _u)], "example_tied"))
     assert {v.verdict for v in few} == {"inconclusive"}
-    # the cheapest method within 0.05 of the best, and whether it localizes
-    b = F.finding_7b(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), u, u)], "example_tied"))
+    # 7b: the cheapest method within 0.05 of the best, and whether it passes 7a
+    b = F.finding_7b(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), _u)], "example_tied"))
     assert b.verdict == "agree" and "cheapest within 0.05: grad_x_act" in b.value and b.method == "grad_x_act"
+    nb = F.finding_7b(cell([loc_rows(random.Random(1), 10, _u, _u)], "example_tied"))
+    assert nb.verdict == "inconclusive" and nb.reason == "no method passes 7a"
     assert F.finding_7b(cell([{}], "example_tied")).verdict == "inconclusive"
+
+
+def test_7c_judges_auroc_in_the_all_track_and_7d_waits_for_scores():
+    c = cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.95), _u, track="all", chance=0.1)],
+             "example_tied")
+    v = F.finding_7c(c)
+    assert [x.verdict for x in v] == ["agree", "agree"] and {x.track for x in v} == {"all"}
+    assert F.finding_7a(c)[0].reason == "no localization rows in track decoy"
+    d = F.finding_7d(cell([{}], "example_tied"))
+    assert d[0].verdict == "inconclusive" and d[0].reason.startswith("no memorization scores")
 
 
 def test_verdicts_as_data_keep_the_reason_apart_and_name_the_method():
     """json/csv rows: `verdict` is one of three words, why is in `reason`; every 7a row names its
-    method in its own field and in the text table."""
+    method and track in their own fields and in the text table."""
     import csv
     import io
     import json
 
-    u = lambda r: r.uniform(0.2, 0.6)  # noqa: E731
-    vs = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), u, u)], "example_tied"))
+    vs = F.finding_7a(cell([loc_rows(random.Random(1), 10, lambda r: r.uniform(0.7, 0.9), _u)], "example_tied"))
     vs.append(F.finding_1a(cell([grad_seed(random.Random(1), 5.0) for _ in range(2)])))  # too few seeds
-    rows = json.loads(F.render(vs, "json"))
+    rows = json.loads(findings.render(vs, "json"))
     assert [r["verdict"] for r in rows] == ["agree", "agree", "inconclusive"]
     assert rows[2]["reason"] == "2 usable seeds, need 3" and rows[0]["reason"] == ""
     assert [r["method"] for r in rows] == ["grad_x_act", "zero_out", None]
-    assert all(set(F.COLUMNS) == set(r) for r in rows)
-    assert [r["verdict"] for r in csv.DictReader(io.StringIO(F.render(vs, "csv")))] == ["agree", "agree", "inconclusive"]
-    text = F.render(vs, "table").splitlines()
-    assert any(line.startswith("7a ") and " grad_x_act " in line for line in text)
-    assert any(line.startswith("7a ") and " zero_out " in line for line in text)
+    assert [r["track"] for r in rows] == ["decoy", "decoy", None]
+    assert all(set(findings.COLUMNS) == set(r) for r in rows)
+    got = [r["verdict"] for r in csv.DictReader(io.StringIO(findings.render(vs, "csv")))]
+    assert got == ["agree", "agree", "inconclusive"]
+    text = findings.render(vs, "table").splitlines()
+    assert any(line.startswith("7a ") and " grad_x_act (decoy) " in line for line in text)
+    assert any(line.startswith("7a ") and " zero_out (decoy) " in line for line in text)
     assert any(line.startswith("1a ") and "inconclusive (2 usable seeds, need 3)" in line for line in text)

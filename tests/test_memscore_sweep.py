@@ -44,7 +44,12 @@ def test_bad_scoring_input_exits_2_and_writes_nothing(tmp_path, flags, needle):
 def _fake_scores(results, name, **meta):
     """A `memscores` fragment in the real format (what the reduce step writes), for the checks
     that read only its metadata."""
-    base = {"dataset": "digits", "noise_rate": 0.1, "noise_kind": "label", "data_seed": 0, "arch": "mlp"}
+    from memray.config import DataConfig, PROTOCOL
+    from memray.data import load_data
+
+    digest = load_data(DataConfig(dataset="digits", noise_rate=0.1)).digest()  # the tiny grid's data
+    base = {"protocol": PROTOCOL, "data_digest": digest, "dataset": "digits", "noise_rate": 0.1,
+            "noise_kind": "label", "data_seed": 0, "arch": "mlp"}
     base.update(meta)
     n = base.pop("n", 1400)
     tables.write_fragment(str(results), "memscores", name, name,
@@ -58,6 +63,8 @@ def _fake_scores(results, name, **meta):
     ({"data_seed": 3}, [], "its data_seed is 3, the trial's is 0"),
     ({"noise_kind": "placebo"}, [], "its noise_kind is 'placebo', the trial's is 'label'"),
     ({"n": 700}, [], "it scores 700 training examples, the trial's training set has 1400"),
+    ({"protocol": 2}, [], "its protocol is 2, this code runs protocol 3"),
+    ({"data_digest": "0123456789abcdef"}, [], "its data_digest is '0123456789abcdef', the trial's is"),
     ({}, ["--rare-threshold", "0"], "--rare-threshold=0.0 is invalid: a number in (0, 1]"),
     ({}, ["--memscores", "../x"], "--memscores='../x' is invalid"),
 ])

@@ -12,9 +12,10 @@ def _rows():
            for g, n in GROUPS for s in ("train_clean", "train_noisy", "train_noisy_true", "test")]
     flips = [{"example_id": i, "is_noisy": i % 2 == 0, "method": m, "flipped": True, "n_units": 3 + i,
               "units": [{"site": i % 3, "unit": 1}], "post_test_acc": 0.88} for i in range(6) for m in ("greedy", "random")]
-    loc = [{"example_id": i, "target_kind": "noisy" if i % 2 else "clean", "method": m, "k": k, "n_truth": 12,
-            "precision": 0.5, "flipped": True, "units_to_flip": 3 + i, "seconds": 0.01}
-           for i in range(4) for m in ("greedy", "mask_only") for k in (8, 12)]
+    loc = [{"example_id": i, "target_kind": "noisy" if i % 2 else "clean", "track": t, "method": m, "k": k,
+            "n_truth": 12, "chance": 0.5 if t == "decoy" else 0.1, "precision": 0.5, "auroc": 0.6,
+            "flipped": True if t == "decoy" else None, "units_to_flip": 3 + i if t == "decoy" else None, "seconds": 0.01}
+           for i in range(4) for t in ("decoy", "all") for m in ("greedy", "mask_only") for k in (8, 12)]
     return {"gradients": grads, "rewinding": rew, "retraining": ret, "flips": flips, "localization": loc}
 
 
@@ -31,8 +32,9 @@ def test_every_figure_is_labelled_and_has_a_legend():
             assert legends == ["fc1", "fc2", "head"]
         if name == "flips":
             assert "noisy (3/3 flipped)" in legends and "clean (3/3 flipped)" in legends
-        if name == "localization":  # one legend per panel: precision@k and the units-to-flip CDF
-            assert legends == ["greedy", "mask_only"] * 2
+        if name == "localization":  # bars per track (methods on x), then the units-to-flip CDF's legend
+            assert legends == ["greedy", "mask_only"]
+            assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["greedy", "mask_only"]
         if name == "retraining":
             assert legends == ["train_clean", "train_noisy", "train_noisy_true", "test"]
         if name == "rewinding":

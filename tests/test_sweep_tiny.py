@@ -47,16 +47,21 @@ def test_tiny_sweep_writes_every_table(tiny_sweep):
         # an ETD trial also draws the clean examples `drop` forgets beside kept ones
         assert figs == (["flips.png"] + (["forgotten.png"] if dropout == "example_tied" else [])
                         + ["gradients.png", "localization.png", "retraining.png", "rewinding.png"])
-    # protocol 2 columns: every trial's protocol and noise kind, per-example ETD correctness
-    assert q(results, "trials", "select distinct protocol, noise_kind from t") == [(2, "label")]
+    # protocol 3: every trial's protocol and noise kind, per-example ETD correctness
+    assert q(results, "trials", "select distinct protocol, noise_kind from t") == [(3, "label")]
     assert q(results, "etd_examples") == [(1400,)]
-    # localization: per trial 8 methods x its targets (<= 2 noisy + 2 clean) x k in {4} and, with
-    # ETD's truth, k = |truth|; the plain twin has no truth (mode plain, precision null)
-    per = dict(q(results, "localization", "select mode, count(distinct method) from t group by mode"))
-    assert per == {"own": 8, "plain": 8}
-    assert q(results, "localization", "select count(*) from t where mode = 'plain' and precision is not null") == [(0,)]
-    assert q(results, "localization", "select count(*) from t where mode = 'own' and k = n_truth and "
-                                      "precision between 0 and 1") != [(0,)]
+    # localization: the ETD trial in both tracks (R in mode own for decoy, all for all) with all 10
+    # methods; the plain twin over every unit (track none, no truth: precision null) without the
+    # two that read ETD's masks (mask_only, oracle)
+    per = dict(((m, t), n) for m, t, n in q(results, "localization", "select mode, track, count(distinct method) "
+                                                                     "from t group by mode, track"))
+    assert per == {("own", "decoy"): 10, ("all", "all"): 10, ("plain", "none"): 8}
+    assert q(results, "localization", "select count(*) from t where track = 'none' and precision is not null") == [(0,)]
+    assert q(results, "localization", "select count(*) from t where track = 'decoy' and k = n_truth and "
+                                      "precision between 0 and 1 and chance = 0.5") != [(0,)]
+    assert q(results, "localization", "select count(*) from t where track = 'all' and flipped is not null") == [(0,)]
+    assert q(results, "localization", "select count(*) from t where method = 'oracle' and k = n_truth "
+                                      "and precision < 1") == [(0,)]
     assert q(results, "gradients", "select count(*) from t where aggregation = 'epoch' and control_norm > 0") \
         == [(2 * 3 * 4,)]
 
@@ -123,7 +128,7 @@ def test_default_preset_p_gen_per_arch_unless_given():
     assert cells("--p-gen", "0.3") == [("mlp", 0.3, 0.1), ("resnet9", 0.3, 0.1)]
     configs = build_configs(parser().parse_args(["--preset", "default"]))
     assert len(configs) == 12 and {c.seed for c in configs} == {0, 1, 2}
-    assert {c.protocol for c in configs} == {2}
+    assert {c.protocol for c in configs} == {3}
 
 
 def test_p_gen_per_arch_follows_the_rule_fixed_in_advance():
@@ -203,18 +208,20 @@ def test_no_import_cycles():
     assert cycles == []
 
 
-def test_resuming_a_protocol_1_sweep_exits_2_and_names_it(tmp_path):
-    """A sweep stored under protocol 1 (its grid file has no protocol) is not resumed or re-run
-    under protocol 2: exit 2 before anything starts, the stored files untouched."""
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_resuming_an_older_protocols_sweep_exits_2_and_names_it(tmp_path, protocol):
+    """A sweep stored under protocol 1 (its grid file has no protocol) or 2 is not resumed or
+    re-run under protocol 3: exit 2 before anything starts, the stored files untouched."""
     results = tmp_path / "r"
     grid = results / "sweeps" / "old.grid.json"
     grid.parent.mkdir(parents=True)
-    grid.write_text(json.dumps({"trial_keys": ["abc"], "spec": None, "preset": "tiny", "run_id": "x"}))
+    stored = {"trial_keys": ["abc"], "spec": None, "preset": "tiny", "run_id": "x"}
+    grid.write_text(json.dumps({**stored, **({"protocol": protocol} if protocol > 1 else {})}))
     before = sorted(p.name for p in results.rglob("*"))
     for extra in (["--resume"], []):
         p = run_cli("--preset", "tiny", "--name", "old", "--results-dir", str(results), *extra)
         assert p.returncode == 2
-        assert "sweep 'old'" in p.stderr and "was run under protocol 1; this code runs protocol 2" in p.stderr
+        assert f"sweep 'old'" in p.stderr and f"was run under protocol {protocol}; this code runs protocol 3" in p.stderr
     assert sorted(p.name for p in results.rglob("*")) == before and not (results / "ray").exists()
 
 

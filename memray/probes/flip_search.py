@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import streams
 from ..data import Data
 from ..dropout import ExampleTiedDropout
 from ..sites import SiteModel
@@ -241,7 +242,7 @@ class FlipSearch:
         prefixes of the order are evaluated in batches of `chunk`."""
         out = []
         for t in targets.tolist():
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
+            g = streams.torch_generator("flip.random_order", self.seed, t)
             order = torch.randperm(self.total, generator=g).to(self.device)
             x, y = self.data.x_train[t], int(self.data.y_train[t])
             found = None

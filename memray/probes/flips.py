@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .. import streams
 from ..data import Data
 from ..dropout import ExampleTiedDropout
 from ..sites import SiteModel
@@ -73,7 +74,7 @@ def select_targets(model: SiteModel, data: Data, n_noisy: int, n_clean: int, n_r
     pred = predict(model, data.x_train, (lambda i: base) if base is not None else None).argmax(1).cpu()
     ok = pred == data.y_train.cpu()
     noisy = data.noise_mask.cpu()
-    g = torch.Generator().manual_seed(seed * 7919 + 17)
+    g = streams.torch_generator("flip.targets", seed)
     noisy_ids = torch.nonzero(ok & noisy).flatten()
     clean_ids = torch.nonzero(ok & ~noisy).flatten()
     noisy_ids = noisy_ids[torch.randperm(len(noisy_ids), generator=g)][:n_noisy]
@@ -94,7 +95,7 @@ def select_targets(model: SiteModel, data: Data, n_noisy: int, n_clean: int, n_r
 def fixed_samples(data: Data, n: int, seed: int) -> dict[str, torch.Tensor]:
     """Seeded samples (at most n each) of train_clean, train_noisy and test: every edit of a trial
     is measured on the same ones, before and after."""
-    g = torch.Generator().manual_seed(seed * 7919 + 29)
+    g = streams.torch_generator("flip.samples", seed)
     noisy = data.noise_mask.cpu()
     out = {}
     for name, ids in (("train_clean", torch.nonzero(~noisy).flatten()), ("train_noisy", torch.nonzero(noisy).flatten())):
@@ -156,6 +157,7 @@ def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids
         res = (search.greedy(tg, budget, targets_per_batch) if method == "greedy" else search.random(tg))
         samples = {k: v.to(search.device) for k, v in fixed_samples(data, eval_samples, seed).items()}
         pre, *post = post_edit(search, samples, [[]] + [u for u, _ in res])
+        site_units = [u if s in search.sites else 0 for s, u in enumerate(model.site_units)]
     finally:
         model.to(orig_dtype)
         for p, r in zip(params, req):
@@ -163,6 +165,7 @@ def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids
         model.train(was_training)
     rows = []
     for t, (units, flipped), p in zip(tg.tolist(), res, post):
-        rows.append(FlipResult(t, data.target_kind(t), bool(data.noise_mask[t]), int(data.y_train[t]), int(data.y_true[t]), method,
-                               flipped, units, pre, p).row())
+        rows.append({**FlipResult(t, data.target_kind(t), bool(data.noise_mask[t]), int(data.y_train[t]),
+                                  int(data.y_true[t]), method, flipped, units, pre, p).row(),
+                     "site_units": site_units})
     return rows

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from .. import streams
 from ..sites import SiteModel
 
 
@@ -28,7 +29,7 @@ def control_mask(noise_mask: torch.Tensor, seed: int) -> torch.Tensor:
     """A seeded random subset of the clean examples, as large as the noisy set (bool, (N,))."""
     clean = torch.nonzero(~noise_mask.cpu()).flatten()
     n = int(noise_mask.sum())
-    g = torch.Generator().manual_seed(seed * 7919 + 101)
+    g = streams.torch_generator("gradients.control", seed)
     pick = clean[torch.randperm(len(clean), generator=g)[:n]]
     out = torch.zeros(noise_mask.shape[0], dtype=torch.bool)
     out[pick] = True

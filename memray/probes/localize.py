@@ -1,34 +1,51 @@
-"""Localization methods scored against ETD's ground truth (EXPERIMENTS.md section 7).
+"""Localization methods scored against ETD's ground truth (EXPERIMENTS.md section 7, protocol 3).
 
-A method ranks the units of a model for one target: which hold its label. In an ETD model part of
-the answer is known: among the memorization units, a noisy example's label can only live in
-those its own mask kept. The analysis runs in mode `own`: the target and each reference example
-carry their own tied masks; the **candidates** are the units active for the target; its
-**truth** is the memorization units it kept. Models without ETD: every unit is a candidate and
-there is no truth (the scores that need none are still computed).
+A method ranks units for one target: which hold its memorized label. In an ETD model part of the
+answer is known: among the memorization units, a noisy example's label can only live in those
+its own mask kept (the others never saw it). Protocol 2 scored methods in mode `own`, where
+every unit a target did not keep is exactly zero and the generalization units are on for every
+example, so the truth was readable from the zeros and the unit type (a ranking by the masks
+alone reached precision 1.0). Protocol 3 removes both leaks: **only memorization units are
+candidates**, and **no candidate is zero because of the target's mask**. Two tracks:
 
-Every method works through the site masks, batched over targets, on the edit mask E (T, U): unit
-u of target i's model is multiplied by E[i, u] on top of the own masks, for the target and for
-the reference batch R alike (an edit is a model edit). With
+  decoy  the target runs with the generalization units, its kept memorization units and, per
+         site, d = min(kept, not kept) decoys (memorization units it did not keep, drawn from its
+         own stream); candidates: kept + decoys; truth: kept; chance |truth| / |candidates|
+         (0.5 whenever p_mem <= 0.5). R runs in mode `own`, each with its own mask, so a decoy
+         and a truth unit are kept by the same expected share of R. Units to flip are counted
+         for targets that predict their given label under the decoy mask (`given_before`).
+  all    target and R in mode `all` (every unit on, memorization units scaled by p_mem);
+         candidates: every memorization unit; truth: the target's kept units. ETD models do not
+         predict noisy labels in this mode, so there is no flip metric: the fall of
+         log p(given label) after zeroing the top-|truth| is scored instead.
 
-    J_i(E) = -loss(x_i, y_i) + mean_{r in R} loss(r)
+Models without ETD have one track, `none`: every unit is a candidate, there is no truth, and the
+scores that need none (units to flip, log-prob fall, accuracy after zeroing) are computed.
 
-a method returns a score per (target, unit), higher = more responsible; the ranking is the
-candidates by descending score (ties: the lower flat index, site-major). Methods:
-  greedy                the flip search's order (zero the unit with the most negative
+Every method works through the site masks, batched over targets, on an edit mask E (T, U): unit
+u of target i's model is multiplied by E[i, u] on top of its track's base mask, for the target
+and for R alike (an edit is a model edit). With J_i(E) = -loss(x_i, y_i) + mean_{r in R} loss(r),
+a method returns a score per (target, unit), higher = more responsible, ranked over the
+candidates by descending score (ties: the lower flat index, site-major):
+  greedy                the flip search's order (zero the candidate with the most negative
                         -E_u dJ/dE_u, one per step), continued past the flip to the budget;
-  random                a seeded random order;
-  mask_only             the fraction of R whose own masks drop the unit: what the mask structure
-                        alone gives away (no weights, no activations);
-  zero_out              zero each unit alone: the rise of the target's loss minus the mean rise on R;
-  grad_x_act            -(-E_u dJ/dE_u) at E = 1 (one backward): the first greedy step's scores;
-  integrated_gradients  dJ/dE along E(t) = t (every unit, t from 1 to 0: the reference term is
-                        the same for every target, so it is computed once per step), trapezoid
-                        rule; the attributions sum to J(1) - J(0);
-  activation            the target's mean activation of u against its mean and spread over R;
-  slimming              a per-target mask s in [0, 1] trained (Adam) to flip the target while
-                        keeping R, with an L1 penalty on 1 - s; rank by 1 - s.
-A method is a function `(Localizer, targets, Options) -> (T, U) float scores`, or a (T, n) long
+  zero_out              zero each candidate alone: the target's loss rise minus R's mean rise;
+  grad_x_act            E_u dJ/dE_u at E = 1 (one backward): the first greedy step's scores;
+  integrated_gradients  dJ/dE along E(t) = t on the candidates (1 elsewhere), t from 1 to 0,
+                        trapezoid rule; the attributions sum to J(1) - J(0) (in `all` the
+                        candidates are the same for every target, so the reference term is
+                        computed once a step; in `decoy` it is per target);
+  activation            the target's mean (post-mask) activation of u against R's mean and spread;
+  slimming              a per-target mask s on the candidates trained (Adam) to flip the target
+                        while keeping R, with an L1 penalty on 1 - s; rank by 1 - s;
+and the **leak controls**, which must sit at chance (a control above chance means the design
+leaks): `mask_only` (the fraction of R whose own masks drop the unit: no weights, no
+activations), `class_mean` (the unit's mean pre-mask activation over the training examples of the
+target's given label, every target of the trial excluded, in R's mode), `random` (a seeded random
+order per target). `oracle` ranks by the target's own mask: precision 1.0, a plumbing check, and
+in `all` the ceiling of the log-prob fall.
+
+A method is a function `(Localizer, Targets, Options) -> (T, U) float scores`, or a (T, n) long
 order of flat unit indices (greedy), registered in `METHODS`; adding one is a function here and
 its name in `memray.config.LOCALIZE_METHODS` (which the CLIs validate without loading torch; a
 test keeps the two equal).
@@ -43,9 +60,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .. import streams
 from ..data import Data
 from ..dropout import ExampleTiedDropout
 from ..sites import SiteModel
+
+TRACKS = ("decoy", "all")
+CONTROLS = ("mask_only", "class_mean", "random")  # leak controls: must sit at chance
+REFERENCE_ONLY = ("oracle",)  # knows the truth: a plumbing check and a ceiling
 
 
 class LocalizeError(ValueError):
@@ -58,26 +80,56 @@ class Options:
     ig_steps: int = 64  # integrated gradients: trapezoid intervals (>= 16)
 
 
+@dataclass
+class Targets:
+    """One batch of targets in one track: their inputs, given labels and masks (T, U)."""
+
+    ids: torch.Tensor  # (T,) example ids
+    x: torch.Tensor
+    y: torch.Tensor
+    base: torch.Tensor  # (T, U) the track's mask of each target (float)
+    cand: torch.Tensor  # (T, U) bool candidates
+    truth: torch.Tensor | None  # (T, U) bool: the memorization units each target kept (None: no ETD)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def shared_candidates(self) -> bool:
+        return bool((self.cand == self.cand[:1]).all())
+
+
 class Localizer:
-    """One frozen model, its reference batch and fixed test sample, in mode `own` (ETD) or plain."""
+    """One frozen model, its reference batch R and fixed test sample, in one track."""
 
     def __init__(self, model: SiteModel, data: Data, reference_ids: torch.Tensor, test_ids: torch.Tensor,
-                 etd: ExampleTiedDropout | None = None, dtype: torch.dtype = torch.float32, seed: int = 0):
-        self.model, self.data, self.etd, self.dtype, self.seed = model, data, etd, dtype, seed
+                 etd: ExampleTiedDropout | None = None, track: str = "decoy", dtype: torch.dtype = torch.float32,
+                 seed: int = 0):
+        if etd is None:
+            track = "none"
+        elif track not in TRACKS:
+            raise LocalizeError(f"track={track!r} is invalid: one of {list(TRACKS)}")
+        self.model, self.data, self.etd, self.track, self.dtype, self.seed = model, data, etd, track, dtype, seed
         self.device = data.device
         self.units = list(model.site_units)
         self.offsets = [0]
         for c in self.units:
             self.offsets.append(self.offsets[-1] + c)
         self.total = self.offsets[-1]
+        self.mem = torch.zeros(self.total, dtype=torch.bool, device=self.device)  # memorization units
+        if etd is not None:
+            for s in etd.sites:
+                self.mem[self.offsets[s] + etd.gen[s]:self.offsets[s + 1]] = True
+        all_masks = etd.mode_masks("all") if etd is not None else [None] * len(self.units)
+        self.base_all = torch.cat([m if m is not None else torch.ones(c, device=self.device)
+                                   for m, c in zip(all_masks, self.units)]).to(dtype)  # (U,) mode `all`
         self.ref = torch.as_tensor(reference_ids, dtype=torch.long, device=self.device)
         self.xr, self.yr = data.x_train[self.ref].to(dtype), data.y_train[self.ref]
-        self.base_r = self.own(self.ref)  # (R, U)
+        self.own_r = self.own(self.ref)  # (R, U) R's own tied masks (mask_only reads them)
+        self.base_r = self.own_r if track == "decoy" else self.base_all.expand(len(self.ref), -1)
         tid = torch.as_tensor(test_ids, dtype=torch.long, device=self.device)
         self.xs, self.ys = data.x_test[tid].to(dtype), data.y_test[tid]
-        all_masks = etd.mode_masks("all") if etd is not None else [None] * len(self.units)
-        self.base_test = torch.cat([m if m is not None else torch.ones(c, device=self.device)
-                                    for m, c in zip(all_masks, self.units)]).to(dtype)  # (U,) mode `all`
+        self.mode = {"decoy": "own", "all": "all", "none": "plain"}[track]  # the mode R runs in
 
     # -- masks ------------------------------------------------------------------------------
     def own(self, ids: torch.Tensor) -> torch.Tensor:
@@ -88,46 +140,65 @@ class Localizer:
         return torch.cat([m[s] if m[s] is not None else torch.ones(len(ids), c, device=self.device)
                           for s, c in enumerate(self.units)], 1).to(self.dtype)
 
-    def truth(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """(N, U) bool: the memorization units each example kept (None without ETD)."""
-        if self.etd is None:
-            return None
-        own = self.own(ids) > 0
-        mem = torch.zeros(self.total, dtype=torch.bool, device=self.device)
-        for s in self.etd.sites:
-            mem[self.offsets[s] + self.etd.gen[s]:self.offsets[s + 1]] = True
-        return own & mem
+    def decoys(self, example_id: int, own: torch.Tensor) -> torch.Tensor:
+        """(U,) bool: per site, d = min(kept, not kept) memorization units the target did not keep,
+        drawn from its own stream (`localize.decoys`, seed, example id)."""
+        rng = streams.numpy_rng("localize.decoys", self.seed, example_id)
+        out = torch.zeros(self.total, dtype=torch.bool)
+        kept = (own > 0).cpu() & self.mem.cpu()
+        off = (own == 0).cpu() & self.mem.cpu()
+        for a, b in zip(self.offsets, self.offsets[1:]):
+            pool = torch.nonzero(off[a:b]).flatten().numpy() + a
+            d = min(int(kept[a:b].sum()), len(pool))
+            if d:
+                out[torch.as_tensor(rng.choice(pool, size=d, replace=False))] = True
+        return out.to(self.device)
+
+    def targets(self, ids) -> Targets:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        x, y, own = self.data.x_train[ids].to(self.dtype), self.data.y_train[ids], self.own(ids)
+        if self.track == "none":
+            ones = torch.ones(len(ids), self.total, dtype=torch.bool, device=self.device)
+            return Targets(ids, x, y, own, ones, None)
+        truth = (own > 0) & self.mem
+        if self.track == "all":
+            cand = self.mem.expand(len(ids), -1).clone()
+            return Targets(ids, x, y, self.base_all.expand(len(ids), -1).clone(), cand, truth)
+        dec = torch.stack([self.decoys(int(i), own[n]) for n, i in enumerate(ids.tolist())])
+        base = torch.where(dec, torch.ones_like(own), own)  # generalization + kept + decoys on
+        return Targets(ids, x, y, base, truth | dec, truth)
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Logits of x (N, ...) with per-row flat masks rows (N, U)."""
         masks = [rows[:, a:b] for a, b in zip(self.offsets, self.offsets[1:])]
         return self.model(x, masks)
 
-    def targets(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        return self.data.x_train[ids].to(self.dtype), self.data.y_train[ids], self.own(ids)
-
     # -- J and its gradient -----------------------------------------------------------------
-    def j_grad(self, ids: torch.Tensor, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def j_grad(self, tg: Targets, E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(J (T,), dJ_i/dE_i (T, U)) with each target's own edit E_i on itself and on R."""
-        xt, yt, bt = self.targets(ids)
-        T, R = len(ids), self.ref.numel()
+        T, R = len(tg), self.ref.numel()
         E = E.detach().to(self.dtype).requires_grad_(True)
         with torch.enable_grad():
-            rows = torch.cat([bt * E, (self.base_r[None] * E[:, None]).reshape(T * R, -1)])
-            x = torch.cat([xt, self.xr.repeat(T, *[1] * (self.xr.dim() - 1))])
-            losses = F.cross_entropy(self.forward(x, rows), torch.cat([yt, self.yr.repeat(T)]), reduction="none")
+            rows = torch.cat([tg.base * E, (self.base_r[None] * E[:, None]).reshape(T * R, -1)])
+            x = torch.cat([tg.x, self.xr.repeat(T, *[1] * (self.xr.dim() - 1))])
+            losses = F.cross_entropy(self.forward(x, rows), torch.cat([tg.y, self.yr.repeat(T)]), reduction="none")
             J = -losses[:T] + losses[T:].view(T, R).mean(1)
             (g,) = torch.autograd.grad(J.sum(), E)
         return J.detach(), g
 
-    def j_grad_shared(self, ids: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """J and dJ/dE at E = t (every unit, every target): the reference term is one for all."""
-        xt, yt, bt = self.targets(ids)
-        e_t = torch.full((len(ids), self.total), float(t), dtype=self.dtype, device=self.device, requires_grad=True)
-        e_r = torch.full((self.total,), float(t), dtype=self.dtype, device=self.device, requires_grad=True)
+    def j_grad_path(self, tg: Targets, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """J and dJ/dE at E = t on each target's candidates (1 elsewhere). When every target has
+        the same candidates (track `all`, plain models, or t = 1) the reference term is one for
+        all targets and is computed once; otherwise per target."""
+        if not (t == 1.0 or tg.shared_candidates):
+            E = torch.where(tg.cand, torch.full_like(tg.base, float(t)), torch.ones_like(tg.base))
+            return self.j_grad(tg, E)
+        e_row = torch.where(tg.cand[0], torch.full((self.total,), float(t), dtype=self.dtype, device=self.device),
+                            torch.ones(self.total, dtype=self.dtype, device=self.device))
+        e_t = e_row.expand(len(tg), -1).clone().requires_grad_(True)
+        e_r = e_row.clone().requires_grad_(True)
         with torch.enable_grad():
-            lt = F.cross_entropy(self.forward(xt, bt * e_t), yt, reduction="none")
+            lt = F.cross_entropy(self.forward(tg.x, tg.base * e_t), tg.y, reduction="none")
             lr = F.cross_entropy(self.forward(self.xr, self.base_r * e_r), self.yr).mean()
             gt, = torch.autograd.grad(lt.sum(), e_t)
             gr, = torch.autograd.grad(lr, e_r)
@@ -135,220 +206,278 @@ class Localizer:
 
     # -- scoring a ranking ------------------------------------------------------------------
     @torch.no_grad()
-    def units_to_flip(self, ids: torch.Tensor, order: torch.Tensor, budget: int) -> list[int | None]:
-        """Per target, how many units of its order (a prefix) must be zeroed for its prediction to
-        leave its given label (mode own), or None within `budget` units."""
-        xt, yt, bt = self.targets(ids)
+    def predicts_given(self, tg: Targets) -> torch.Tensor:
+        """(T,) bool: each target predicts its given label under its track's mask, unedited."""
+        return self.forward(tg.x, tg.base).argmax(1) == tg.y
+
+    @torch.no_grad()
+    def units_to_flip(self, tg: Targets, order: torch.Tensor, budget: int) -> list[int | None]:
+        """Per target, how many units of its order (a prefix of its candidates) must be zeroed for
+        its prediction to leave its given label, or None within `budget` units."""
         out: list[int | None] = []
-        B = min(budget, order.shape[1])
-        steps = torch.arange(1, B + 1, device=self.device)
-        for i in range(len(ids)):
-            rank = torch.empty(self.total, dtype=torch.long, device=self.device)
+        for i in range(len(tg)):
+            B = min(budget, order.shape[1], int(tg.cand[i].sum()))
+            steps = torch.arange(1, B + 1, device=self.device)
+            rank = torch.full((self.total,), self.total, dtype=torch.long, device=self.device)
             rank[order[i]] = torch.arange(order.shape[1], device=self.device)
-            if order.shape[1] < self.total:  # units outside the order are never zeroed
-                rank[~torch.isin(torch.arange(self.total, device=self.device), order[i])] = self.total
             keep = (rank[None, :] >= steps[:, None]).to(self.dtype)  # (B, U): first j of the order zeroed
-            pred = self.forward(xt[i:i + 1].expand(B, *xt.shape[1:]), bt[i:i + 1] * keep).argmax(1)
-            hit = torch.nonzero(pred != yt[i]).flatten()
+            pred = self.forward(tg.x[i:i + 1].expand(B, *tg.x.shape[1:]), tg.base[i:i + 1] * keep).argmax(1)
+            hit = torch.nonzero(pred != tg.y[i]).flatten()
             out.append(int(hit[0]) + 1 if hit.numel() else None)
         return out
 
     @torch.no_grad()
-    def after_zeroing(self, zeroed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(accuracy on R in mode own, on the fixed test sample in mode all) with each row of
-        `zeroed` (N, U) bool zeroed."""
+    def after_zeroing(self, tg: Targets, i: int, zeroed: torch.Tensor) -> tuple[float, float, float]:
+        """(fall of the target's log p(given label), accuracy on R in R's mode, on the fixed test
+        sample in mode all) with `zeroed` (U,) bool zeroed."""
         keep = (~zeroed).to(self.dtype)
-        ref, test = [], []
-        for k in keep:
-            pr = self.forward(self.xr, self.base_r * k).argmax(1)
-            ps = self.forward(self.xs, (self.base_test * k).expand(len(self.xs), -1)).argmax(1)
-            ref.append((pr == self.yr).double().mean())
-            test.append((ps == self.ys).double().mean())
-        return torch.stack(ref), torch.stack(test)
+        x, y = tg.x[i:i + 1], tg.y[i:i + 1]
+        before = F.log_softmax(self.forward(x, tg.base[i:i + 1]), 1)[0, y[0]]
+        after = F.log_softmax(self.forward(x, tg.base[i:i + 1] * keep), 1)[0, y[0]]
+        pr = self.forward(self.xr, self.base_r * keep).argmax(1)
+        ps = self.forward(self.xs, (self.base_all * keep).expand(len(self.xs), -1)).argmax(1)
+        return (float(before - after), float((pr == self.yr).double().mean()),
+                float((ps == self.ys).double().mean()))
 
 
 # ----------------------------------------------------------------------------- the methods
-def greedy(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
-    """(T, budget) flat unit indices in the order greedy zeroes them (candidates only)."""
-    T, budget = len(ids), opts.budget
-    cand = loc.own(torch.as_tensor(ids, device=loc.device)) > 0
+def greedy(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tensor:
+    """(T, steps) flat unit indices in the order greedy zeroes them (candidates only)."""
+    T = len(tg)
     E = torch.ones(T, loc.total, dtype=loc.dtype, device=loc.device)
-    steps = min(budget, int(cand.sum(1).min()))
+    steps = min(opts.budget, int(tg.cand.sum(1).min()))
     order = torch.empty(T, steps, dtype=torch.long, device=loc.device)
     for k in range(steps):
-        _, g = loc.j_grad(ids, E)
-        delta = (-E * g).masked_fill(~cand | (E == 0), math.inf)
+        _, g = loc.j_grad(tg, E)
+        delta = (-E * g).masked_fill(~tg.cand | (E == 0), math.inf)
         pick = delta.argmin(1)  # first minimum: the lowest flat index on ties
         order[:, k] = pick
         E[torch.arange(T), pick] = 0
     return order
 
 
-def random_scores(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
-    out = torch.empty(len(ids), loc.total, dtype=torch.float64, device=loc.device)
-    for i, t in enumerate(torch.as_tensor(ids).tolist()):
-        g = torch.Generator().manual_seed(loc.seed * 1_000_003 + t)
-        out[i] = torch.rand(loc.total, generator=g, dtype=torch.float64).to(loc.device)
-    return out
+def random_scores(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tensor:
+    rows = [torch.from_numpy(streams.numpy_rng("localize.random", loc.seed, int(t)).random(loc.total))
+            for t in tg.ids.tolist()]
+    return torch.stack(rows).to(loc.device)
 
 
-def mask_only(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
-    return (loc.base_r == 0).double().mean(0).expand(len(ids), -1).clone()
+def mask_only(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tensor:
+    """The fraction of R whose own masks drop the unit: what the masks alone give away."""
+    return (loc.own_r == 0).double().mean(0).expand(len(tg), -1).clone()
+
+
+def oracle(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tensor:
+    if tg.truth is None:
+        raise LocalizeError("the oracle needs ETD's truth (a model trained with example-tied dropout)")
+    return tg.truth.double()
 
 
 @torch.no_grad()
-def zero_out(loc: Localizer, ids: torch.Tensor, opts: Options = Options(), chunk: int = 256) -> torch.Tensor:
-    """Rise of the target's loss minus the mean rise on R when unit u alone is zeroed."""
-    xt, yt, bt = loc.targets(ids)
-    T, U, R = len(ids), loc.total, loc.ref.numel()
-    base_t = F.cross_entropy(loc.forward(xt, bt), yt, reduction="none")  # (T,)
+def zero_out(loc: Localizer, tg: Targets, opts: Options = Options(), chunk: int = 256) -> torch.Tensor:
+    """Rise of the target's loss minus the mean rise on R when candidate u alone is zeroed."""
+    T, R = len(tg), loc.ref.numel()
+    base_t = F.cross_entropy(loc.forward(tg.x, tg.base), tg.y, reduction="none")  # (T,)
     base_r = F.cross_entropy(loc.forward(loc.xr, loc.base_r), loc.yr, reduction="none").mean()
-    out = torch.empty(T, U, dtype=loc.dtype, device=loc.device)
-    eye = torch.eye(U, dtype=loc.dtype, device=loc.device)
-    for a in range(0, U, chunk):
-        b = min(a + chunk, U)
-        keep = 1 - eye[a:b]  # (n, U): unit a..b zeroed, one per row
-        n = b - a
-        lt = F.cross_entropy(loc.forward(xt.repeat_interleave(n, 0), (bt[:, None] * keep[None]).reshape(T * n, U)),
-                             yt.repeat_interleave(n), reduction="none").view(T, n)
+    out = torch.full((T, loc.total), -math.inf, dtype=loc.dtype, device=loc.device)
+    units = torch.nonzero(tg.cand.any(0)).flatten()
+    for a in range(0, len(units), chunk):
+        u = units[a:a + chunk]
+        n = len(u)
+        keep = torch.ones(n, loc.total, dtype=loc.dtype, device=loc.device)
+        keep[torch.arange(n), u] = 0  # (n, U): unit u_j zeroed in row j
+        lt = F.cross_entropy(loc.forward(tg.x.repeat_interleave(n, 0), (tg.base[:, None] * keep[None]).reshape(T * n, -1)),
+                             tg.y.repeat_interleave(n), reduction="none").view(T, n)
         lr = F.cross_entropy(loc.forward(loc.xr.repeat(n, *[1] * (loc.xr.dim() - 1)),
-                                         (keep[:, None] * loc.base_r[None]).reshape(n * R, U)),
+                                         (keep[:, None] * loc.base_r[None]).reshape(n * R, -1)),
                              loc.yr.repeat(n), reduction="none").view(n, R).mean(1)
-        out[:, a:b] = (lt - base_t[:, None]) - (lr - base_r)[None]
+        out[:, u] = (lt - base_t[:, None]) - (lr - base_r)[None]
     return out
 
 
-def grad_x_act(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
+def grad_x_act(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tensor:
     """-delta_u = E_u dJ/dE_u at E = 1: the first greedy step's scores (higher = zeroed first)."""
-    _, g = loc.j_grad_shared(ids, 1.0)
+    _, g = loc.j_grad_path(tg, 1.0)
     return g
 
 
-def integrated_gradients(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
-    """A_u = integral over t in [0, 1] of dJ/dE_u at E = t (trapezoid, `opts.ig_steps` intervals):
-    the attributions sum to J(1) - J(0). Higher = zeroing it lowers J more (first order)."""
+def integrated_gradients(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tensor:
+    """A_u = integral over t in [0, 1] of dJ/dE_u at E = t on the candidates (trapezoid,
+    `opts.ig_steps` intervals): the attributions sum to J(1) - J(0). Higher = zeroing it lowers
+    J more (first order)."""
     steps = opts.ig_steps
     if steps < 16:
         raise LocalizeError(f"steps={steps} is invalid: at least 16 (the trapezoid rule's error)")
-    acc = torch.zeros(len(ids), loc.total, dtype=torch.float64, device=loc.device)
+    acc = torch.zeros(len(tg), loc.total, dtype=torch.float64, device=loc.device)
     for k in range(steps + 1):
-        _, g = loc.j_grad_shared(ids, 1 - k / steps)
+        _, g = loc.j_grad_path(tg, 1 - k / steps)
         acc += g.double() * (0.5 if k in (0, steps) else 1.0)
     return acc / steps
 
 
-def ig_completeness(loc: Localizer, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(|sum of attributions - (J(1) - J(0))|, sum of |attributions|) per target."""
-    a = integrated_gradients(loc, ids, Options(ig_steps=steps))
-    j1, _ = loc.j_grad_shared(ids, 1.0)
-    j0, _ = loc.j_grad_shared(ids, 0.0)
+def ig_completeness(loc: Localizer, tg: Targets, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(|sum of attributions over the candidates - (J(1) - J(0))|, sum of |attributions|) per target."""
+    a = integrated_gradients(loc, tg, Options(ig_steps=steps)).masked_fill(~tg.cand, 0)
+    j1, _ = loc.j_grad_path(tg, 1.0)
+    j0, _ = loc.j_grad_path(tg, 0.0)
     return (a.sum(1) - (j1 - j0).double()).abs(), a.abs().sum(1)
 
 
-@torch.no_grad()
-def activation(loc: Localizer, ids: torch.Tensor, opts: Options = Options()) -> torch.Tensor:
-    """z-score of the target's mean activation of u (post-mask, over positions) against R's."""
-    xt, _, bt = loc.targets(ids)
+def _site_means(loc: Localizer, x: torch.Tensor, rows: torch.Tensor, pre_mask: bool, chunk: int = 512) -> torch.Tensor:
+    """(N, U) each unit's mean activation over positions at its site: after the site's mask, or
+    before it (`pre_mask`: the site's input, through its ReLU where it applies one)."""
     acts: list[torch.Tensor] = []
 
     def hook(site, inputs, out):
-        dims = [d for d in range(out.dim()) if d not in (0, site.unit_dim % out.dim())]
-        acts.append(out.mean(dims) if dims else out)
+        a = (torch.relu(inputs[0]) if site.relu else inputs[0]) if pre_mask else out
+        dims = [d for d in range(a.dim()) if d not in (0, site.unit_dim % a.dim())]
+        acts.append(a.mean(dims) if dims else a)
 
     handles = [s.register_forward_hook(hook) for s in loc.model.sites]
+    out = []
     try:
-        loc.forward(xt, bt)
-        at = torch.cat(acts, 1)
-        acts.clear()
-        loc.forward(loc.xr, loc.base_r)
-        ar = torch.cat(acts, 1)
+        with torch.no_grad():
+            for a in range(0, len(x), chunk):
+                loc.forward(x[a:a + chunk], rows[a:a + chunk])
+                out.append(torch.cat(acts, 1))
+                acts.clear()
     finally:
         for h in handles:
             h.remove()
+    return torch.cat(out) if out else torch.empty(0, loc.total, device=loc.device)
+
+
+def activation(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tensor:
+    """z-score of the target's mean activation of u (post-mask, over positions) against R's."""
+    at = _site_means(loc, tg.x, tg.base, pre_mask=False)
+    ar = _site_means(loc, loc.xr, loc.base_r, pre_mask=False)
     return (at - ar.mean(0)) / ar.std(0).clamp_min(1e-6)
 
 
-def slimming(loc: Localizer, ids: torch.Tensor, opts: Options = Options(), steps: int = 60, lr: float = 0.1,
+def class_mean(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tensor:
+    """The unit's mean pre-mask activation over the training examples of the target's given label
+    (in R's mode), every target of the batch excluded: a class-level trace with nothing specific
+    to the target (post-mask means would carry its own kept units)."""
+    d = loc.data
+    keep = torch.ones(d.n_train, dtype=torch.bool, device=loc.device)
+    keep[tg.ids] = False
+    ids = torch.nonzero(keep).flatten()
+    rows = loc.own(ids) if loc.track == "decoy" else loc.base_all.expand(len(ids), -1)
+    acts = _site_means(loc, d.x_train[ids].to(loc.dtype), rows, pre_mask=True)  # (N, U)
+    labels = d.y_train[ids]
+    means = torch.zeros(d.num_classes, loc.total, dtype=acts.dtype, device=loc.device)
+    means.index_add_(0, labels, acts)
+    counts = torch.bincount(labels, minlength=d.num_classes).clamp_min(1).to(acts.dtype)
+    return (means / counts[:, None])[tg.y]
+
+
+def slimming(loc: Localizer, tg: Targets, opts: Options = Options(), steps: int = 60, lr: float = 0.1,
              l1: float = 0.01) -> torch.Tensor:
-    """1 - s for a per-target mask s = sigmoid(w) (initially about 1) trained by Adam to minimise
-    J_i(s) + l1 * sum(1 - s): flip the target, keep R, remove few units. Targets are independent
-    (their losses are summed), so batching changes nothing."""
-    w = torch.full((len(ids), loc.total), 3.0, dtype=loc.dtype, device=loc.device, requires_grad=True)
+    """1 - s for a per-target mask s = sigmoid(w) on the candidates (1 elsewhere; initially about
+    1) trained by Adam to minimise J_i(s) + l1 * sum(1 - s): flip the target, keep R, remove few
+    units. Targets are independent (their losses are summed), so batching changes nothing."""
+    w = torch.full((len(tg), loc.total), 3.0, dtype=loc.dtype, device=loc.device, requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
+    cand = tg.cand.to(loc.dtype)
     for _ in range(steps):
-        s = torch.sigmoid(w)
-        J, g = loc.j_grad(ids, s)
-        # d/dw of sum_i [J_i + l1 sum(1 - s_i)] = (dJ/ds - l1) * s (1 - s)
+        sig = torch.sigmoid(w)
+        s = cand * sig + (1 - cand)
+        _, g = loc.j_grad(tg, s)
+        # d/dw of sum_i [J_i + l1 sum(1 - s_i)] = (dJ/ds - l1) * s (1 - s) on the candidates
         opt.zero_grad(set_to_none=True)
-        w.grad = ((g - l1) * s * (1 - s)).detach()
+        w.grad = ((g - l1) * sig * (1 - sig) * cand).detach()
         opt.step()
     return 1 - torch.sigmoid(w.detach())
 
 
 Method = Callable[..., torch.Tensor]
 METHODS: dict[str, Method] = {"greedy": greedy, "random": random_scores, "mask_only": mask_only,
-                              "zero_out": zero_out, "grad_x_act": grad_x_act,
-                              "integrated_gradients": integrated_gradients, "activation": activation,
-                              "slimming": slimming}
+                              "class_mean": class_mean, "oracle": oracle, "zero_out": zero_out,
+                              "grad_x_act": grad_x_act, "integrated_gradients": integrated_gradients,
+                              "activation": activation, "slimming": slimming}
 
 
-def ranking(loc: Localizer, method: str, ids: torch.Tensor, budget: int, ig_steps: int = 64) -> torch.Tensor:
-    """(T, U) flat unit indices, most responsible first: each target's candidates, then the units
-    its own mask already drops (greedy: its first `budget` zeroings, candidates only)."""
-    ids = torch.as_tensor(ids, dtype=torch.long, device=loc.device)
+def scores_and_order(loc: Localizer, method: str, tg: Targets, budget: int,
+                     ig_steps: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """((T, U) float64 scores, -inf off the candidates; (T, n) order, most responsible first):
+    the order is each target's candidates by descending score (stable: ties keep the lower flat
+    index first), then the rest; greedy's order is its zeroings and its scores their reverse rank
+    (units it did not reach tie below them)."""
     if method not in METHODS:
         raise LocalizeError(f"method={method!r} is invalid: one of {sorted(METHODS)}")
-    out = METHODS[method](loc, ids, Options(budget=budget, ig_steps=ig_steps))
+    out = METHODS[method](loc, tg, Options(budget=budget, ig_steps=ig_steps))
     if out.dtype == torch.long:  # an order already
-        return out
-    scores = out.double()
-    cand = loc.own(ids) > 0
-    scores = scores.masked_fill(~cand, -math.inf)
-    # stable descending sort: ties keep the lower flat index first; each target's own candidates
-    # come first, the units already off for it (not candidates) last
-    return torch.sort(-scores, dim=1, stable=True).indices
+        n = out.shape[1]
+        scores = torch.full((len(tg), loc.total), -float(n), dtype=torch.float64, device=loc.device)
+        scores.scatter_(1, out, -torch.arange(n, dtype=torch.float64, device=loc.device).expand(len(tg), -1))
+        return scores.masked_fill(~tg.cand, -math.inf), out
+    scores = out.double().masked_fill(~tg.cand, -math.inf)
+    return scores, torch.sort(-scores, dim=1, stable=True).indices
+
+
+def auroc(scores: torch.Tensor, truth: torch.Tensor, cand: torch.Tensor) -> float:
+    """P(a truth candidate scores above a non-truth candidate), ties half."""
+    pos, neg = scores[cand & truth], scores[cand & ~truth]
+    if not len(pos) or not len(neg):
+        return math.nan
+    gt = (pos[:, None] > neg[None]).double().mean()
+    eq = (pos[:, None] == neg[None]).double().mean()
+    return float(gt + 0.5 * eq)
 
 
 def localization_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids: torch.Tensor,
                       test_ids: torch.Tensor, methods: list[str], ks: list[int], *, budget: int,
-                      etd: ExampleTiedDropout | None = None, seed: int = 0, ig_steps: int = 64,
-                      dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
-    """`localization` rows: per target, method and k (|truth| and each fixed k): precision and
-    recall of the top k against the truth (null without ETD), units to flip in rank order, and
-    accuracy on R (mode own) and on a fixed test sample (mode all) after zeroing the top k."""
+                      etd: ExampleTiedDropout | None = None, track: str = "decoy", seed: int = 0,
+                      ig_steps: int = 64, dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
+    """`localization` rows of one track: per target, method and k (|truth| and each fixed k up to
+    the candidates): precision@k, lift (precision / chance), recall and AUROC against the truth
+    (null without ETD), units to flip in rank order (`decoy` and plain models; null where the
+    target does not predict its given label unedited), and after zeroing the top k: the fall of
+    log p(given label), accuracy on R (in R's mode) and on a fixed test sample (mode all)."""
     was_training, orig = model.training, next(model.parameters()).dtype
     req = [p.requires_grad for p in model.parameters()]
     model.eval().to(dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        loc = Localizer(model, data, reference_ids, test_ids, etd, dtype, seed)
-        ids = torch.as_tensor(targets, dtype=torch.long, device=loc.device)
-        truth = loc.truth(ids)
-        n_cand = (loc.own(ids) > 0).sum(1).tolist()
+        loc = Localizer(model, data, reference_ids, test_ids, etd, track, dtype, seed)
+        tg = loc.targets(targets)
+        n_cand = tg.cand.sum(1).tolist()
+        n_truth = tg.truth.sum(1).tolist() if tg.truth is not None else [None] * len(tg)
+        flips_defined = loc.track != "all"
+        given = loc.predicts_given(tg).tolist()
         rows = []
         for method in methods:
+            if method == "oracle" and tg.truth is None:
+                continue
             t0 = time.perf_counter()
-            need = max([*ks, *(truth.sum(1).tolist() if truth is not None else [])])
-            order = ranking(loc, method, ids, max(budget, need), ig_steps)
-            flips = loc.units_to_flip(ids, order, budget)
-            seconds = (time.perf_counter() - t0) / max(1, len(ids))
-            for i, t in enumerate(ids.tolist()):
-                n_truth = int(truth[i].sum()) if truth is not None else None
-                for k in sorted({*ks, *([n_truth] if n_truth else [])}):
+            need = max([*ks, *(v for v in n_truth if v)])
+            scores, order = scores_and_order(loc, method, tg, max(budget, need), ig_steps)
+            flips = loc.units_to_flip(tg, order, budget) if flips_defined else [None] * len(tg)
+            seconds = (time.perf_counter() - t0) / max(1, len(tg))
+            for i, t in enumerate(tg.ids.tolist()):
+                nt = int(n_truth[i]) if n_truth[i] is not None else None
+                chance = nt / n_cand[i] if nt is not None else None
+                au = auroc(scores[i], tg.truth[i], tg.cand[i]) if tg.truth is not None else None
+                for k in sorted({*ks, *([nt] if nt else [])}):
+                    if k > n_cand[i]:
+                        continue
                     top = order[i, :k]
                     zeroed = torch.zeros(loc.total, dtype=torch.bool, device=loc.device)
                     zeroed[top] = True
-                    ref_acc, test_acc = loc.after_zeroing(zeroed[None])
-                    hit = int(truth[i][top].sum()) if truth is not None else None
-                    rows.append({"example_id": t, "target_kind": data.target_kind(t),
-                                 "mode": "own" if etd is not None else "plain", "method": method, "k": int(k),
-                                 "n_candidates": int(n_cand[i]), "n_truth": n_truth,
-                                 "precision": hit / k if hit is not None else None,
-                                 "recall": hit / n_truth if n_truth else None,
-                                 "flipped": flips[i] is not None, "units_to_flip": flips[i],
-                                 "post_ref_acc": float(ref_acc[0]), "post_test_acc": float(test_acc[0]),
-                                 "seconds": seconds})
+                    fall, ref_acc, test_acc = loc.after_zeroing(tg, i, zeroed)
+                    hit = int(tg.truth[i][top].sum()) if tg.truth is not None else None
+                    prec = hit / k if hit is not None else None
+                    defined = flips_defined and given[i]
+                    rows.append({"example_id": t, "target_kind": data.target_kind(t), "mode": loc.mode,
+                                 "track": loc.track, "method": method, "k": int(k), "n_candidates": int(n_cand[i]),
+                                 "n_truth": nt, "chance": chance, "precision": prec,
+                                 "lift": prec / chance if prec is not None and chance else None,
+                                 "recall": hit / nt if nt else None, "auroc": au,
+                                 "given_before": bool(given[i]),
+                                 "flipped": (flips[i] is not None) if defined else None,
+                                 "units_to_flip": flips[i] if defined else None, "logp_drop": fall,
+                                 "post_ref_acc": ref_acc, "post_test_acc": test_acc, "seconds": seconds})
         return rows
     finally:
         model.to(orig)

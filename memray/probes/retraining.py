@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import streams
 from ..data import Data, batches
 from ..dropout import ExampleTiedDropout
 from ..sites import SiteModel
@@ -53,7 +54,7 @@ def retrain_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor
     clean = data.clean_ids()
     steps = max_epochs * math.ceil(clean.numel() / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("triangle", s, steps, 0.5))
-    gen = torch.Generator().manual_seed(seed)
+    gen = streams.torch_generator("retrain.order", seed)
     perfect, epoch, acc = 0, 0, 0.0
     for epoch in range(1, max_epochs + 1):
         correct = torch.zeros((), device=data.device)
