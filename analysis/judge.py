@@ -67,30 +67,31 @@ def judge_sweep(cells: list[Cell]) -> list[Verdict]:
             spec = FINDINGS[v.id]
             if not spec.gated:
                 continue
+            agree = v.verdict == "agree"  # a twin can only downgrade an agree: the reasons say so there
             if spec.vacuous_under_placebo:
-                v.reason = v.reason or VACUOUS
+                v.reason = v.reason or (VACUOUS if agree else "")
                 continue
             tw = twin.get(_key(v))
             if tw is None and v.id == "8a" and c.placebo is not None:  # 8a is judged once per scoring sweep
                 tw = eight_a.get(c.placebo.memscores)
             if tw is None:
-                v.reason = v.reason or NO_TWIN
+                v.reason = v.reason or (NO_TWIN if agree else "")
                 continue
             v.placebo_twin = tw.verdict
             if v.id in ("7a", "7c"):  # reported beside them: the method's label-minus-placebo lift
                 v.control += "; " + lift_over_placebo(c, c.placebo, v)
             if tw.verdict == "agree" and v.verdict == "agree":
                 v.verdict, v.reason = "inconclusive", TWIN_AGREES
-            elif tw.verdict == "inconclusive":
+            elif tw.verdict == "inconclusive" and agree:
                 v.reason = v.reason or f"placebo twin inconclusive ({tw.reason})"
     return verdicts
 
 
 def lift_over_placebo(label: Cell, placebo: Cell, v: Verdict) -> str:
-    """The method's median lift over chance on noisy targets in the label cell minus in its placebo
-    twin (different models: unpaired), with a bootstrap 95% interval."""
-    metric = "precision" if v.track == "decoy" else "auroc"
-    a, b = (list(S.per_example(loc_values(c, v.track, metric).get(v.method, {}).get("noisy", {})).values())
+    """The method's median lift (precision@|truth| / chance, in the verdict's track) on noisy
+    targets in the label cell minus in its placebo twin (different models: unpaired), with a
+    bootstrap 95% interval."""
+    a, b = (list(S.per_example(loc_values(c, v.track, "lift", raw=True).get(v.method, {}).get("noisy", {})).values())
             for c in (label, placebo))
     if not a or not b:
         return "label - placebo lift n/a"

@@ -483,9 +483,9 @@ NEAR_BEST = 0.05  # 7b: within this of the best median noisy precision
 LEAK_MEDIAN = 0.05  # a control leaks if its median is further than this from chance (or Wilcoxon p < 0.05)
 
 
-def loc_values(cell: Cell, track: str, metric: str) -> dict[str, dict[str, dict[tuple, float]]]:
+def loc_values(cell: Cell, track: str, metric: str, raw: bool = False) -> dict[str, dict[str, dict[tuple, float]]]:
     """{method: {kind: {(seed, example): metric - chance}}} at k = |truth| in one track (AUROC:
-    minus 0.5)."""
+    minus 0.5; `raw`: the metric itself, e.g. lift)."""
     out: dict[str, dict[str, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
     for s, t in cell.seeds.items():
         for r in t.get("localization", []):
@@ -494,7 +494,7 @@ def loc_values(cell: Cell, track: str, metric: str) -> dict[str, dict[str, dict[
             v = r.get(metric)
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 continue
-            chance = 0.5 if metric == "auroc" else r["chance"]
+            chance = 0.0 if raw else 0.5 if metric == "auroc" else r["chance"]
             out[r["method"]][r["target_kind"]][(s, r["example_id"])] = v - chance
     return out
 
@@ -541,12 +541,17 @@ def localizes(fid: str, cell: Cell, track: str, metric: str, kind: str, versus: 
         if leaked:
             v, why = "inconclusive", f"leak: {', '.join(leaked)}"
         out.append(verdict(fid, cell, verdict=v, reason=why, p=p, **kw,
-                           value=f"median {metric} {kind} {med:.3f} (lift over chance {S.median(a):+.3f}), "
+                           value=f"median {metric} {kind} {med:.3f} ({chance_text(metric, med, shift)}), "
                                  f"{versus} {S.median(b) + shift:.3f}",
                            control=("controls at chance" if not leaked else f"leaking: {', '.join(leaked)}"),
                            interval_or_p=f"Wilcoxon vs chance p={S.fmt(p1, 2)}, Mann-Whitney vs {versus} "
                                          f"p={S.fmt(p2, 2)}"))
     return out
+
+
+def chance_text(metric: str, med: float, chance: float) -> str:
+    """Chance beside a median; for precision also its lift (precision / chance, EXPERIMENTS.md 7)."""
+    return f"chance {chance:.3f}" + (f", lift {med / chance:.2f}" if metric == "precision" and chance > 0 else "")
 
 
 def _chance(cell: Cell, track: str, method: str, kind: str) -> float:
@@ -588,7 +593,7 @@ def finding_7b(cell: Cell) -> Verdict:
     near = [m for m in med if med[m] >= med[best] - NEAR_BEST]
     cheapest = min(near, key=lambda m: S.median(secs[m]))
     kw = {"method": cheapest, "track": "decoy", "n": len(vals.get(cheapest, {}).get("noisy", {})),
-          "value": f"best {best} (lift {med[best]:+.3f}); cheapest within {NEAR_BEST}: {cheapest} "
+          "value": f"best {best} ({med[best]:+.3f} over chance); cheapest within {NEAR_BEST}: {cheapest} "
                    f"({med[cheapest]:+.3f}, {1000 * S.median(secs[cheapest]):.0f} ms/target)",
           "control": f"{best}: {1000 * S.median(secs[best]):.0f} ms/target"}
     if not passed:

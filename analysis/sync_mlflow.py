@@ -16,7 +16,9 @@ import argparse
 import json
 import sys
 
-from memray.mlflow_view import MlflowView
+from mlflow.tracking import MlflowClient
+
+from memray.mlflow_view import MlflowView, runs_link
 from memray.summary import flip_summary, layer_summary, localization_summary, memscore_summary
 from memray.tables import default_mlflow_uri, exists, read_bytes
 
@@ -107,8 +109,12 @@ def main(argv=None) -> int:
         print(f"error: MLflow at {uri} failed ({type(e).__name__}: {e}); the Parquet tables are unchanged",
               file=sys.stderr)
         return 1
+    client = MlflowClient(tracking_uri=uri)
     for sweep, n in done.items():
         print(f"synced sweep {sweep!r}: {n} trials (models, for a scoring sweep) -> {uri}")
+        exp = client.get_experiment_by_name(sweep)
+        if exp is not None:
+            print(f"  its training runs: {runs_link(uri, exp.experiment_id)}")
     return 0
 
 

@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
@@ -79,7 +80,32 @@ def tracking_client(uri: str) -> MlflowClient | LockedClient:
     return LockedClient(client, f"{db}.lock")
 
 
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the experiment is model training
+
+# MLflow 3.17's UI does not pick its page from the experiment: its workspace switch (GenAI / Model
+# training) is a per-browser setting (localStorage `mlflow.workflowType`, default GenAI) that the
+# URL parameter `workflowType` overrides. Its runs list nests children under their parent,
+# collapsed, whenever it sorts by creation time (it then fetches the parents of matching runs,
+# even under a filter), and expanded rows are not part of a view it can share. The link a sweep
+# prints therefore names the model-training workspace, filters the runs to the sweep's trials and
+# sorts them by name: a flat list of every trial.
+TRIALS_FILTER = "tags.`memray.role` = 'trial'"
+BY_NAME = "tags.`mlflow.runName`"  # the UI's own "Run Name" sort key
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1 --port 5000` serves
+
+
+def ui_base(uri: str) -> str:
+    """The MLflow UI's address for a tracking URI: an http(s) server serves it itself; a local
+    store is served by `mlflow ui` on 127.0.0.1:5000."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def runs_link(uri: str, experiment_id: str) -> str:
+    """The link that opens a sweep's training runs, its trials listed, in a browser that has never
+    opened MLflow: `<ui>/#/experiments/<id>/runs?workflowType=machine_learning&searchFilter=...&orderByKey=...`."""
+    query = urlencode({"workflowType": "machine_learning", "searchFilter": TRIALS_FILTER, "orderByKey": BY_NAME,
+                       "orderByAsc": "true"}, quote_via=quote)
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{query}"
 
 
 class MlflowView:

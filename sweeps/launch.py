@@ -180,6 +180,24 @@ def launch(args, plan: Plan) -> int:
     return 1 if any(v == "failed" for v in status.values()) else 0
 
 
+def mlflow_lines(uri: str, sweep: str) -> list[str]:
+    """How to open the sweep's training runs in MLflow's UI: the server (or `mlflow ui` for a local
+    store) and the link that lands on the trials (memray.mlflow_view.runs_link)."""
+    from memray.mlflow_view import runs_link
+    from trainables.callbacks import MlflowLogger
+
+    exp_id = next((lg.view.experiment_id for lg in MlflowLogger.live
+                   if lg.sweep == sweep and lg.view is not None and not lg.failed), None)
+    server = uri.startswith(("http://", "https://"))
+    serve = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    if exp_id is None:  # logging failed (a warning said so): the tables are complete
+        return [f"MLflow UI:  {uri if server else serve}",
+                "            (MLflow logging failed: python -m analysis.sync_mlflow rebuilds it)"]
+    if server:
+        return [f"MLflow UI:  {runs_link(uri, exp_id)}"]
+    return [f"MLflow UI:  {serve}, then open", f"            {runs_link(uri, exp_id)}"]
+
+
 def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, str]) -> None:
     """Per trial: status, the config axes that vary, own/drop noisy accuracy, drop test accuracy,
     the plain twin's, flip medians (and the objective for a search); failures with their error."""
@@ -213,7 +231,8 @@ def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, s
         print(f"FAILED {key}: {err}")
     uri = args.mlflow_uri  # resolved by check_runtime
     print(f"\nTables:     {args.results_dir}/tables/<table>/sweep={args.name}/")
-    print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    for line in mlflow_lines(uri, args.name):
+        print(line)
     print(f"Query:      python -m analysis.query --results-dir {args.results_dir} "
           f"\"select * from trials where sweep = '{args.name}'\"")
     print(f"Report:     python -m analysis.report --results-dir {args.results_dir} --sweep {args.name}")

@@ -396,6 +396,9 @@ def test_a_label_cells_agree_yields_to_its_placebo_twin():
     alone = {x.id: x for x in findings.judge_sweep([cell([grad_seed(random.Random(i), 5.0) for i in range(3)])])}
     assert alone["1a"].verdict == "agree" and alone["1a"].reason == "no placebo twin in this sweep"
     assert alone["1a"].placebo_twin is None
+    # a twin only ever downgrades an agree: a differ's reason does not mention one
+    null = {x.id: x for x in findings.judge_sweep([cell([grad_seed(random.Random(20 + i), 1.0) for i in range(3)])])}
+    assert null["1a"].verdict == "differ" and null["1a"].reason == ""
     rew = {x.id: x for x in findings.judge_sweep([cell([rewind_seed(random.Random(1), 1.0) for _ in range(3)])])}
     assert rew["2a"].verdict == "agree" and rew["2a"].reason == "placebo: vacuous"
 

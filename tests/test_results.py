@@ -3,11 +3,13 @@ idempotent re-runs, interrupted writes and corrupt fragments."""
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 
 import pyarrow as pa
@@ -158,7 +160,15 @@ def _free_port() -> int:
 
 
 def test_mlflow_server_on_loopback_serves_the_runs(tiny_sweep, tmp_path):
-    results, _ = tiny_sweep
+    results, stdout = tiny_sweep
+    # the link the sweep's summary prints: the model-training workspace, the runs filtered to trials
+    (link,) = re.findall(r"^\s+(http://127\.0\.0\.1:5000/#/experiments/\S+)$", stdout, re.MULTILINE)
+    m = re.fullmatch(r"http://127\.0\.0\.1:5000/#/experiments/(\d+)/runs\?(.+)", link)
+    assert m, link
+    link_exp, query = m.group(1), urllib.parse.parse_qs(m.group(2))
+    assert query == {"workflowType": ["machine_learning"], "searchFilter": ["tags.`memray.role` = 'trial'"],
+                     "orderByKey": ["tags.`mlflow.runName`"], "orderByAsc": ["true"]}
+    assert f"mlflow ui --backend-store-uri sqlite:///{results}/mlflow.db --host 127.0.0.1 --port 5000" in stdout
     port = _free_port()
     server = subprocess.Popen([os.path.join(os.path.dirname(PY), "mlflow"), "server", "--host", "127.0.0.1",
                                "--port", str(port), "--backend-store-uri", f"sqlite:///{results}/mlflow.db",
@@ -181,7 +191,14 @@ def test_mlflow_server_on_loopback_serves_the_runs(tiny_sweep, tmp_path):
             except OSError:
                 assert time.time() - t0 < 90 and server.poll() is None, "mlflow server did not come up"
                 time.sleep(0.5)
-        # the experiment opens on its training runs in MLflow's UI
+        # the printed link names this experiment, its page answers 200, and its filter lists the trials
+        assert exp["experiment_id"] == link_exp
+        assert call(f"/experiments/get?experiment_id={link_exp}")["experiment"]["name"] == "t1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200 and b"<div id=\"root\"" in r.read()
+        listed = call("/runs/search", {"experiment_ids": [link_exp], "filter": query["searchFilter"][0]})["runs"]
+        assert sorted(r["info"]["run_name"] for r in listed) == ["digits-mlp64-etd-pg0.2-pm0.1-n0.1-s0",
+                                                                "digits-mlp64-plain-n0.1-s0"]
         assert {t["key"]: t["value"] for t in exp.get("tags", [])}["mlflow.experimentKind"] == "custom_model_development"
         runs = call("/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
