@@ -18,7 +18,7 @@ from .store import Store
 
 Rows = list[dict[str, Any]]
 WINDOW = (0.1, 0.9)  # memorization window: train_noisy between these fractions of its final value
-TABLES = ("evals", "gradients", "rewinding", "retraining", "flips", "etd_examples", "localization")
+TABLES = ("evals", "gradients", "rewinding", "retraining", "flips", "etd_examples", "localization", "example_stats")
 
 
 @dataclass
@@ -131,6 +131,7 @@ def _order(table: str):
     return {"evals": lambda r: (r["epoch"], r["mode"], r["subset"]),
             "gradients": lambda r: (r["epoch"], r["layer_index"]),
             "etd_examples": lambda r: r["example_id"],
+            "example_stats": lambda r: r["example_id"],
             "localization": lambda r: (r.get("track") or "", r["method"], r["target_kind"], r["example_id"], r["k"])
             }.get(table, lambda r: 0)
 

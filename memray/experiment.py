@@ -341,6 +341,7 @@ class Trial:
         tr = self.trainer
         if tr.etd is not None:
             out["etd_examples"] = example_correctness(tr.model, tr.data, tr.etd)
+        out["example_stats"] = tr.example_stats()
         return out
 
     def forgotten_figure(self, title: str, n: int = 8) -> bytes | None:

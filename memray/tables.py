@@ -67,6 +67,9 @@ SCHEMAS: dict[str, pa.Schema] = {
     "etd_examples": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("example_id", pa.int64()),
                                ("is_noisy", pa.bool_()), ("own_correct", pa.bool_()), ("all_correct", pa.bool_()),
                                ("drop_correct", pa.bool_())]),
+    # every trial: the free memorization proxy (EXPERIMENTS.md section 8), from the training pass
+    "example_stats": pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("example_id", pa.int64()),
+                                ("is_noisy", pa.bool_()), ("cum_loss", pa.float64()), ("learn_epoch", pa.int32())]),
 }
 SCHEMAS["memscore_models"] = pa.schema([("sweep", pa.string()), ("trial_key", pa.string()), ("model_index", pa.int32()),
                                         ("subset_seed", pa.int64()), ("predictions", pa.list_(pa.int16()))])

@@ -179,6 +179,11 @@ class Trainer:
         self.accounting = (GradientAccounting(self.model, self.data.noise_mask, cfg.data.data_seed)
                            if "gradients" in cfg.analyses.run and self.data.noise_mask.any() else None)
         self.epoch = 0
+        # the free memorization proxy (EXPERIMENTS.md section 8, "A free proxy"), from the
+        # training pass itself: each example's loss summed over epochs, and the last epoch in
+        # which the training pass did not predict its given label (0: none yet)
+        self.cum_loss = torch.zeros(self.data.n_train, device=self.device, dtype=torch.float64)
+        self.last_wrong = torch.zeros(self.data.n_train, device=self.device, dtype=torch.int32)
         self.history: list[dict[str, Any]] = []  # evals rows, each with its epoch
         self.grad_rows: list[dict[str, Any]] = []
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
@@ -202,7 +207,8 @@ class Trainer:
             x, y = data.x_train[idx], data.y_train[idx]
             if cfg.data.augment:
                 x = augment(x, self.gen_augment)
-            losses = F.cross_entropy(model(x, self.masks_for_training(idx)), y, reduction="none")  # (B,)
+            logits = model(x, self.masks_for_training(idx))
+            losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
             self.opt.zero_grad(set_to_none=True)
             if self.accounting is not None:
                 self.accounting.backward(losses, idx)
@@ -211,6 +217,9 @@ class Trainer:
             self.opt.step()
             self.sched.step()
             total_loss += losses.detach().sum()
+            self.cum_loss.index_add_(0, idx, losses.detach().double())
+            wrong = idx[logits.detach().argmax(1) != y]
+            self.last_wrong[wrong] = self.epoch + 1
         self.epoch += 1
         if not torch.isfinite(total_loss).item():
             raise Diverged(f"diverged at epoch {self.epoch}: training loss is {total_loss.item()}")
@@ -264,6 +273,14 @@ class Trainer:
                 on_epoch(self, out)
         return self.history
 
+    def example_stats(self) -> list[dict[str, Any]]:
+        """`example_stats` rows: per training example its cumulative sample loss and learning
+        epoch (the first epoch from which the training pass predicted its given label in every
+        later epoch; None if it did not in the last one)."""
+        learn = (self.last_wrong + 1).tolist()
+        return [{"example_id": i, "is_noisy": bool(n), "cum_loss": c, "learn_epoch": e if e <= self.epoch else None}
+                for i, (n, c, e) in enumerate(zip(self.data.noise_mask.tolist(), self.cum_loss.tolist(), learn))]
+
     def final(self) -> dict[str, float]:
         """Last evaluation as {'<mode>/<subset>/accuracy': value}."""
         return final_metrics(self.history)
@@ -298,6 +315,8 @@ class Trainer:
             "history": copy.deepcopy(self.history),
             "grad_rows": copy.deepcopy(self.grad_rows),
             "snapshot_epochs": sorted(self.snapshots),
+            "cum_loss": self.cum_loss.detach().cpu().clone(),
+            "last_wrong": self.last_wrong.detach().cpu().clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any], snapshots: dict[int, dict] | None = None) -> None:
@@ -310,6 +329,11 @@ class Trainer:
         self.gen_augment.set_state(state["rng"]["augment"])
         self.history = list(state["history"])
         self.grad_rows = list(state["grad_rows"])
+        if "cum_loss" not in state:
+            raise ValueError("this checkpoint predates the per-example training statistics (example_stats): "
+                             "run the trial again without --resume")
+        self.cum_loss = state["cum_loss"].to(self.device, torch.float64)
+        self.last_wrong = state["last_wrong"].to(self.device, torch.int32)
         if snapshots is not None:
             self.snapshots = dict(snapshots)
 

@@ -50,6 +50,12 @@ def test_tiny_sweep_writes_every_table(tiny_sweep):
     # protocol 3: every trial's protocol and noise kind, per-example ETD correctness
     assert q(results, "trials", "select distinct protocol, noise_kind from t") == [(3, "label")]
     assert q(results, "etd_examples") == [(1400,)]
+    # the free memorization proxy: every trial, every training example once, from its training pass
+    assert q(results, "example_stats", "select count(*), count(distinct trial_key), count(distinct example_id), "
+             "sum(is_noisy::int), min(cum_loss) > 0, count(learn_epoch) <= count(*) from t") == [(2800, 2, 1400, 280, True, True)]
+    (noisy_loss, clean_loss), = q(results, "example_stats", "select median(cum_loss) filter (where is_noisy), "
+                                  "median(cum_loss) filter (where not is_noisy) from t")
+    assert noisy_loss > clean_loss  # wrong labels are fit late, if at all
     # localization: the ETD trial in both tracks (R in mode own for decoy, all for all) with all 10
     # methods; the plain twin over every unit (track none, no truth: precision null) without the
     # two that read ETD's masks (mask_only, oracle)

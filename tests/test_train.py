@@ -41,6 +41,48 @@ def test_resume_mid_run_matches_uninterrupted(digits, tmp_path, kind):
     assert resumed.history == full.history
     assert resumed.grad_rows == full.grad_rows
     assert all(torch.equal(resumed.model.state_dict()[k], full.model.state_dict()[k]) for k in full.model.state_dict())
+    # the free proxy: a resumed trial's per-example statistics are the uninterrupted one's
+    assert resumed.example_stats() == full.example_stats()
+
+
+def test_example_stats_are_the_training_pass_losses_and_learning_epochs(digits, monkeypatch):
+    """cum_loss is the sum over epochs of each example's loss as computed for its step, and
+    learn_epoch the first epoch from which the training pass predicted its given label in every
+    later epoch: recomputed here from the logits the model produced in training."""
+    cfg = small_cfg(**{"optim.epochs": 4, "dropout.kind": "example_tied"})
+    tr = Trainer(cfg, digits, "cpu")
+    seen = []  # (epoch, idx, logits) of every training step
+    forward = type(tr.model).forward
+
+    def spy(self, x, masks=None):
+        out = forward(self, x, masks)
+        if self.training:
+            seen.append((tr.epoch, current["idx"], out.detach().clone()))
+        return out
+    current = {}
+    real_masks = tr.masks_for_training
+
+    def masks(idx):
+        current["idx"] = idx.clone()
+        return real_masks(idx)
+    monkeypatch.setattr(type(tr.model), "forward", spy)
+    monkeypatch.setattr(tr, "masks_for_training", masks)
+    tr.fit()
+    n = digits.n_train
+    cum = torch.zeros(n, dtype=torch.float64)
+    right = torch.zeros(cfg.optim.epochs, n, dtype=torch.bool)
+    for e, idx, logits in seen:
+        y = tr.data.y_train[idx]
+        cum[idx] += torch.nn.functional.cross_entropy(logits, y, reduction="none").double()
+        right[e, idx] = logits.argmax(1) == y
+    rows = tr.example_stats()
+    assert len(rows) == n and [r["example_id"] for r in rows] == list(range(n))
+    assert torch.allclose(torch.tensor([r["cum_loss"] for r in rows], dtype=torch.float64), cum, rtol=0, atol=1e-9)
+    for i in range(n):
+        later = [e for e in range(cfg.optim.epochs) if right[e:, i].all()]
+        assert rows[i]["learn_epoch"] == (later[0] + 1 if later else None), i
+    assert sum(r["is_noisy"] for r in rows) == int(digits.noise_mask.sum())
+    assert {r["learn_epoch"] for r in rows} - {None} <= set(range(1, cfg.optim.epochs + 1))
 
 
 def test_divergence_stops_with_epoch(digits):
