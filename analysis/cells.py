@@ -38,6 +38,7 @@ class Cell:
     rare_threshold: float = 0.25  # the score from which its clean examples are rare
     scores: dict[int, dict[str, Any]] | None = None  # its memscores rows by example_id
     window_from: Cell | None = None  # a placebo twin is judged over its label twin's window
+    arch: str | None = None  # the cell's model architecture (8c compares it with the scores')
 
     @property
     def kind(self) -> str:
@@ -165,14 +166,14 @@ def load_cells(store: Store, sweep: str) -> list[Cell]:
         key = json.dumps(key_cfg, sort_keys=True)
         configs[key] = key_cfg
         cell = cells.setdefault(key, Cell(sweep, cell_name(t), int(t.get("protocol") or 1), t["dropout"],
-                                          t.get("noise_kind") or "label"))
+                                          t.get("noise_kind") or "label", arch=t.get("arch")))
         cell.seeds[int(t["seed"])] = {name: sorted(tables[name][t["trial_key"]], key=_order(name))
                                       for name in TABLES}
         name = cfg.get("analyses", {}).get("memscores")
         if name is not None and cell.scores is None:
             if name not in scores:
                 scores[name] = {r["example_id"]: r for r in store.rows(
-                    "select example_id, is_noisy, score from memscores where sweep = ?", [name])}
+                    "select example_id, is_noisy, score, arch from memscores where sweep = ?", [name])}
             cell.memscores, cell.scores = name, scores[name] or None
             cell.rare_threshold = cfg["analyses"].get("rare_threshold", 0.25)
         cell.keys[int(t["seed"])] = t["trial_key"]

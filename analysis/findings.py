@@ -22,12 +22,12 @@ import sys
 from .cells import TABLES, Cell, load_cells, memorization_window, rewinding_classes
 from .judge import judge_sweep, sweep_verdicts
 from .render import COLUMNS, html_page, html_table, render, summary_lines
-from .rules import FINDINGS, MIN_EXAMPLES, MIN_SEEDS, VERDICTS, Verdict, forgotten_and_kept
+from .rules import FINDINGS, MIN_EXAMPLES, MIN_SEEDS, VERDICTS, Verdict, forgotten_and_kept, proxy_values
 from .store import Store, open_for_cli, store_parser
 
 __all__ = ["COLUMNS", "FINDINGS", "MIN_EXAMPLES", "MIN_SEEDS", "TABLES", "VERDICTS", "Cell", "Verdict",
            "forgotten_and_kept", "html_page", "html_table", "judge_sweep", "load_cells", "memorization_window",
-           "render", "rewinding_classes", "summary_lines", "sweep_verdicts", "verdict_files"]
+           "proxy_values", "render", "rewinding_classes", "summary_lines", "sweep_verdicts", "verdict_files"]
 
 
 def verdict_files(store: Store, sweep: str) -> dict[str, str]:

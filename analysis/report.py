@@ -32,6 +32,7 @@ from .findings import (
     html_table,
     judge_sweep,
     load_cells,
+    proxy_values,
     rewinding_classes,
     summary_lines,
 )
@@ -92,6 +93,14 @@ def cell_figures(store: Store, cell: Cell) -> list[str]:
                       for label, ids in (("forgotten by drop (most seeds)", forgotten), ("kept by drop", kept))}
             figs.append(_img(plots.png(plots.scores_figure(
                 groups, f"{cell.name}: 5b, clean examples right under own ({cell.memscores})")), "5b scores"))
+    if cell.kind == "plain" and cell.scores is not None and cell.all_rows("example_stats"):  # 8c: the free proxy
+        loss = proxy_values(cell, "cum_loss")
+        groups = {label: ([cell.scores[i]["score"] for i in ids], [loss[i] for i in ids])
+                  for label, want in (("noisy", True), ("clean", False))
+                  for ids in [[i for i in sorted(loss) if i in cell.scores and cell.scores[i]["score"] is not None
+                               and bool(cell.scores[i]["is_noisy"]) == want]]}
+        figs.append(_img(plots.png(plots.proxy_figure(
+            groups, f"{cell.name}: 8c, cumulative training loss vs score ({cell.memscores})")), "8c proxy"))
     return figs
 
 

@@ -635,6 +635,56 @@ def finding_8b(cell: Cell) -> Verdict:
     return fewer_units("8b", cell, "rare", "typical clean")
 
 
+PROXY_RHO = 0.5  # 8c: Spearman rho of cumulative training loss with the score at least this
+PROXY_RHO_LOW = 0.4  # 8c: and its Fisher-z 95% lower bound at least this
+
+
+def proxy_values(cell: Cell, column: str, none_as: float | None = None) -> dict[int, float]:
+    """{example_id: the median over the cell's seeds of its example_stats column} (None: `none_as`,
+    or dropped)."""
+    vals: dict[tuple[int, int], float] = {}
+    for s, t in cell.seeds.items():
+        for r in t.get("example_stats", []):
+            v = r.get(column)
+            if v is not None or none_as is not None:
+                vals[(s, r["example_id"])] = float(v if v is not None else none_as)
+    return S.per_example(vals)
+
+
+def finding_8c(cell: Cell) -> Verdict:
+    """The free proxy (EXPERIMENTS.md section 8): an example's cumulative training loss (median
+    over the cell's seeds) against its memorization score, Spearman rho over all training
+    examples with a Fisher-z 95% interval; judged only where the scores come from the cell's arch.
+    Beside it: rho on clean examples alone, and the learning epoch's rho."""
+    if cell.scores is None:
+        return inconclusive("8c", cell, NO_SCORES)
+    missing = needs(cell, "example_stats", "cum_loss")
+    if missing:
+        return inconclusive("8c", cell, missing)
+    arch = next((r.get("arch") for r in cell.scores.values() if r.get("arch")), None)
+    if arch != cell.arch:
+        return inconclusive("8c", cell, f"the scores come from {arch} models, the cell is {cell.arch}")
+    loss = proxy_values(cell, "cum_loss")
+    ids = sorted(i for i in loss if i in cell.scores and cell.scores[i]["score"] is not None)
+    if len(ids) < MIN_EXAMPLES:
+        return inconclusive("8c", cell, f"{len(ids)} examples with both a score and a loss, need {MIN_EXAMPLES}")
+    score = [cell.scores[i]["score"] for i in ids]
+    rho, lo, hi = S.spearman_fisher([loss[i] for i in ids], score)
+    clean = [i for i in ids if not cell.scores[i]["is_noisy"]]
+    rho_clean = S.spearman_fisher([loss[i] for i in clean], [cell.scores[i]["score"] for i in clean])[0] \
+        if len(clean) >= MIN_EXAMPLES else math.nan
+    epochs = max((r["epoch"] for r in cell.all_rows("evals")), default=0)
+    learn = proxy_values(cell, "learn_epoch", none_as=epochs + 1)  # never learned: after the last epoch
+    rho_learn = S.spearman_fisher([learn[i] for i in ids], score)[0]
+    v, why = decide(rho >= PROXY_RHO and lo >= PROXY_RHO_LOW, hi < PROXY_RHO,
+                    f"rho {rho:.3f} [{lo:.3f}, {hi:.3f}]")
+    return verdict("8c", cell, verdict=v, reason=why, n=len(ids),
+                   value=f"Spearman rho {rho:.3f} (95% [{lo:.3f}, {hi:.3f}]) of cumulative loss with the score",
+                   control=f"clean examples alone rho {S.fmt(rho_clean)}; learning epoch rho {S.fmt(rho_learn)}; "
+                           f"scores of sweep {cell.memscores}",
+                   interval_or_p=f"Fisher-z [{lo:.3f}, {hi:.3f}]")
+
+
 # ----------------------------------------------------------------------------- the registry
 @dataclass(frozen=True)
 class Finding:
@@ -712,4 +762,8 @@ FINDINGS: dict[str, Finding] = {
     # placebo removes (under placebo they are still the clean examples only memorizing fits)
     "8b": Finding("rare examples flip with fewer units than typical clean ones", ("plain",), False,
                   "4a's rule for rare vs typical clean targets", finding_8b),
+    "8c": Finding("an example's cumulative training loss predicts its memorization score", ("plain",), False,
+                  f"Spearman rho of cumulative loss (median over seeds) with the score over all training examples "
+                  f">= {PROXY_RHO}, Fisher-z 95% lower bound >= {PROXY_RHO_LOW}; scores from the cell's arch",
+                  finding_8c),
 }

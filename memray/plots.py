@@ -368,6 +368,23 @@ def trial_figures(tables: dict[str, Rows], title: str = "") -> dict[str, bytes]:
     return {name: png(fn(tables[name], title)) for name, fn in FIGURES.items() if tables.get(name)}
 
 
+def proxy_figure(groups: dict[str, tuple[list[float], list[float]]], title: str = "") -> plt.Figure:
+    """Finding 8c: each training example's cumulative training loss (median over seeds) against
+    its memorization score, one colour per group (noisy, clean)."""
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for (label, (score, loss)), color in zip(groups.items(), (NOISY, CLEAN)):
+        if score:
+            ax.scatter(score, loss, s=5, alpha=0.5, color=color, lw=0, label=f"{label} (n={len(score)})")
+    ax.set_xlabel("memorization score (acc_in - acc_out)")
+    ax.set_ylabel("cumulative training loss")
+    if any(v > 0 for _, loss in groups.values() for v in loss):
+        ax.set_yscale("log")
+    ax.legend(fontsize=8, markerscale=3)
+    ax.set_title(title or "Cumulative training loss vs memorization score", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def scores_figure(groups: dict[str, list[float]], title: str = "", threshold: float | None = None) -> plt.Figure:
     """Memorization-score distributions, one histogram per group (e.g. noisy vs clean examples,
     or the clean examples ETD's `drop` forgets vs those it keeps), each normalised to its own count."""

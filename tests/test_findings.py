@@ -299,7 +299,7 @@ def test_5a_null_clear_and_too_few_seeds():
 
 
 def test_score_findings_wait_for_memorization_scores():
-    for fid, kind in (("5b", "example_tied"), ("8a", "none"), ("8b", "none")):
+    for fid, kind in (("5b", "example_tied"), ("8a", "none"), ("8b", "none"), ("8c", "none")):
         v = F.FINDINGS[fid].judge(cell([{}], kind))
         assert v.verdict == "inconclusive" and v.reason.startswith("no memorization scores"), fid
 
@@ -340,6 +340,38 @@ def test_8a_is_judged_once_per_scoring_sweep_and_differs_without_a_gap():
     verdicts = [v for v in findings.judge_sweep([a, b]) if v.id == "8a"]
     assert [v.verdict for v in verdicts] == ["agree"] and verdicts[0].n == 200
     assert F.finding_8a(scored(cell([{}], "none"), none)).verdict == "differ"
+
+
+def test_8c_cumulative_loss_against_the_scores():
+    """Loss that tracks the score (per seed, noisy): agree, with the median over seeds as each
+    example's one value; unrelated loss: differ (the interval wholly below 0.5); a weak relation
+    on few examples: inconclusive; scores from another arch: inconclusive naming both."""
+    rng = random.Random(0)
+    n = 400
+    scores = {i: (i < 40, rng.betavariate(0.5, 2) if i >= 40 else rng.uniform(0.6, 1.0)) for i in range(n)}
+
+    def stats_cell(loss, arch="mlp", ids=range(n)):
+        seeds = [{"example_stats": [{"example_id": i, "is_noisy": scores[i][0], "cum_loss": loss(i, s),
+                                     "learn_epoch": None if scores[i][1] > 0.9 else 1 + int(10 * scores[i][1])}
+                                    for i in ids],
+                  "evals": [{"epoch": 10, "mode": "plain", "subset": "train_clean", "accuracy": 1.0}]}
+                 for s in range(3)]
+        c = scored(cell(seeds, "none"), {i: scores[i] for i in ids})
+        c.arch = "mlp"
+        for r in c.scores.values():
+            r["arch"] = arch
+        return c
+    v = F.finding_8c(stats_cell(lambda i, s: 30 * scores[i][1] + rng.gauss(0, 3)))
+    assert v.verdict == "agree" and v.n == n and v.id == "8c"
+    rho = float(v.value.split("rho ")[1].split(" ")[0])
+    assert rho > 0.8 and "clean examples alone rho" in v.control and "learning epoch rho" in v.control
+    v = F.finding_8c(stats_cell(lambda i, s: rng.gauss(0, 1)))
+    assert v.verdict == "differ" and v.reason == ""
+    v = F.finding_8c(stats_cell(lambda i, s: 3 * scores[i][1] + rng.gauss(0, 1), ids=range(30, 50)))
+    assert v.verdict == "inconclusive" and v.reason.startswith("underpowered: rho")
+    v = F.finding_8c(stats_cell(lambda i, s: scores[i][1], arch="resnet9"))
+    assert v.verdict == "inconclusive" and v.reason == "the scores come from resnet9 models, the cell is mlp"
+    assert F.finding_8c(cell([{}], "none")).reason.startswith("no memorization scores")
 
 
 def test_8b_rare_targets_against_typical_clean_ones():

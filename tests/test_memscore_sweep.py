@@ -203,11 +203,14 @@ def test_grid_with_scores_has_rare_targets_and_findings(scores):
     assert out.returncode == 0, out.stderr
     verdicts = {(v["id"], v["cell"].split("-")[2].split()[0]): v for v in json.loads(out.stdout)}
     assert verdicts[("8a", "plain")]["verdict"] == "agree"  # noisy above clean, p far below 0.05
-    for fid, cell in (("8b", "plain"), ("5b", "etd")):  # judged (too few targets in a tiny grid), not skipped
+    for fid, cell in (("8b", "plain"), ("5b", "etd"), ("8c", "plain")):  # judged, not skipped
         assert "no memorization scores" not in verdicts[(fid, cell)]["reason"], verdicts[(fid, cell)]
+    # 8c: the grid's mlp against the mlp scores, over every training example
+    assert verdicts[("8c", "plain")]["n"] > 100 and "Spearman rho" in verdicts[("8c", "plain")]["value"]
     assert {v["verdict"] for v in verdicts.values()} <= {"agree", "differ", "inconclusive"}
     page = run_cli("--results-dir", str(results), "--sweep", "g", "--out", str(results / "report"),
                    module="analysis.report")
     assert page.returncode == 0, page.stderr
     html = open(results / "report" / "index.html").read()
     assert "Memorization scores: ms" in html and 'alt="5b scores"' in html and 'alt="top-scoring examples"' in html
+    assert 'alt="8c proxy"' in html  # cumulative loss against the score, per plain cell with scores

@@ -111,7 +111,7 @@ def test_report_has_figures_and_findings(tiny_sweep, tmp_path):
     js = run_cli("--results-dir", str(results), "--sweep", "t1", "--format", "json", module="analysis.findings")
     verdicts = json.loads(js.stdout)
     assert {v["id"] for v in verdicts} == {"1a", "1b", "2a", "2b", "3", "4a", "4b", "4c", "4d", "5a", "5b", "7a", "7b",
-                                           "7c", "7d", "8a", "8b"}  # 5b, 7d, 8a, 8b: inconclusive, no scores named
+                                           "7c", "7d", "8a", "8b", "8c"}  # 5b, 7d, 8a-8c: no scores named
     assert {v["verdict"] for v in verdicts} <= {"agree", "differ", "inconclusive"}
     assert sum(page.count(f"<td class='{k}'>") for k in ("agree", "differ", "inconclusive")) == len(verdicts)
     assert f"{len(verdicts)} findings" in p.stdout
