@@ -13,6 +13,7 @@ import json
 from collections import defaultdict
 
 from .rules import FINDINGS, Verdict
+from .scorecard import scorecard_text
 
 COLUMNS = ("id", "finding", "cell", "method", "track", "protocol", "seeds", "n", "verdict", "reason", "value",
            "control", "interval_or_p", "criterion", "placebo_twin")
@@ -89,7 +90,7 @@ def render(verdicts: list[Verdict], fmt: str) -> str:
         w.writeheader()
         w.writerows(rows)
         return buf.getvalue()
-    lines = summary_lines(verdicts) + [""]
+    lines = scorecard_text(verdicts) + [""] + summary_lines(verdicts) + [""]
     lines.append(f"{'id':3}  {'cell':34}  {'method (track)':30}  {'seeds':5}  {'n':4}  {'verdict':12}"
                  "  value | control | interval or p")
     for v, r in zip(verdicts, rows):

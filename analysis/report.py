@@ -36,6 +36,7 @@ from .findings import (
     rewinding_classes,
     summary_lines,
 )
+from .scorecard import matrix_png, scorecard_html
 from .store import Store, open_for_cli, store_parser
 
 
@@ -177,8 +178,13 @@ def build(store: Store, sweeps: list[str]) -> tuple[str, dict[str, list[Verdict]
             f"<tr><td>{html.escape(t['trial_key'])}</td><td>{html.escape(name_of.get(t['trial_key'], '-'))}</td>"
             f"<td>{t['seed']}</td><td>{html.escape(t['status'])}</td><td>{(t['wall_s'] or 0):.1f}</td>"
             f"<td>{html.escape(t['error'] or '')}</td></tr>" for t in trials)
+        top = (f"<div class='top'><div class='matrix'>"
+               f"{_img(matrix_png(verdicts, f'{sweep}: verdicts, findings x cells'), 'verdict matrix')}</div>"
+               f"<div class='card'><h3>Reproduction scorecard</h3>{scorecard_html(verdicts)}</div></div>"
+               ) if verdicts else ""
+        n_fig += bool(verdicts)
         sections.append(
-            f"<h2>Sweep {html.escape(sweep)} (protocol {', '.join(map(str, protocols)) or '-'})</h2>"
+            f"<h2>Sweep {html.escape(sweep)} (protocol {', '.join(map(str, protocols)) or '-'})</h2>{top}"
             f"<h3>Summary</h3><ul>{summary}</ul>"
             f"<h3>Verdicts per cell (seeds pooled)</h3>{html_table(verdicts)}"
             f"<h3>Figures per cell</h3>{''.join(figs_html)}"
@@ -193,7 +199,9 @@ def _page(sweeps: list[str], sections: list[str], store: Store) -> str:
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:85%}}
 td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}} .agree{{background:#e6f4e6}}
 .differ{{background:#fbe3e3}} .inconclusive{{background:#f4f0dc}}
-.figs img{{max-width:48%;margin:4px;border:1px solid #eee}}</style></head><body>
+.figs img{{max-width:48%;margin:4px;border:1px solid #eee}}
+.top{{display:flex;gap:1em;align-items:flex-start}} .card{{flex:1 1 48%}} .matrix{{flex:1 1 52%}}
+.matrix img{{max-width:100%}} .scorecard{{font-size:70%}} .card h3{{margin-top:0}}</style></head><body>
 <h1>Where is memorization stored? Findings vs Maini et al. (ICML 2023)</h1>
 <p>Results: {html.escape(store.results)}; sweeps: {html.escape(", ".join(sweeps))}. Verdicts follow the rules of
 EXPERIMENTS.md fixed before any run: seeds pooled per cell (t-intervals), rank tests on targets, Holm over the

@@ -520,3 +520,26 @@ def test_verdicts_as_data_keep_the_reason_apart_and_name_the_method():
     assert any(line.startswith("7a ") and " grad_x_act (decoy) " in line for line in text)
     assert any(line.startswith("7a ") and " zero_out (decoy) " in line for line in text)
     assert any(line.startswith("1a ") and "inconclusive (2 usable seeds, need 3)" in line for line in text)
+    assert text[0].startswith("Reproduction scorecard")  # the table opens with the scorecard
+
+
+def test_scorecard_quotes_the_paper_and_the_matrix_puts_twins_beside_their_cells():
+    from analysis import scorecard as SC
+
+    label = cell([grad_seed(random.Random(i), 5.0) for i in range(3)])
+    twin = cell([grad_seed(random.Random(10 + i), 1.0) for i in range(3)], kind="placebo")
+    label.name, twin.name = "digits-mlp512-plain-n0.1", "digits-mlp512-plain-n0.1placebo"
+    other = cell([grad_seed(random.Random(20 + i), 5.0) for i in range(3)])
+    other.name = "digits-lenet40-plain-n0.1"
+    label.placebo, twin.window_from = twin, label
+    vs = findings.judge_sweep([label, twin, other])
+    rows = {r["id"]: r for r in SC.scorecard(vs)}
+    assert set(rows) == {v.id for v in vs} and rows["4a"]["paper"].startswith("about 5 units")
+    assert rows["1a"]["paper"] == "qualitative"
+    assert rows["1a"]["verdict"] == "mlp w512 plain: agree; lenet w40 plain: agree"
+    assert rows["2a"]["reason"].startswith("mlp w512 plain: no rewinding rows; lenet w40 plain: no rewinding rows")
+    assert "placebo" not in rows["1a"]["this sweep"]  # label cells only
+    r, cols, grid = SC.matrix(vs)
+    assert cols == ["digits-lenet40-plain-n0.1", "digits-mlp512-plain-n0.1", "digits-mlp512-plain-n0.1placebo"]
+    assert r[:2] == ["1a", "1b"] and grid[("1a", "digits-mlp512-plain-n0.1")] == "agree"
+    assert SC.matrix_png(vs)[:8] == b"\x89PNG\r\n\x1a\n"

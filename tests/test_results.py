@@ -104,8 +104,11 @@ def test_report_has_figures_and_findings(tiny_sweep, tmp_path):
     # edit flipped its target within the tiny budget: the trained models decide), localization;
     # the ETD cell also its accuracy curves and the forgotten-vs-kept examples its trial drew
     flipped = q(results, "flips", "select count(distinct trial_key) from t where method = 'greedy' and flipped")[0][0]
-    assert page.count('src="data:image/png;base64,') == 8 + flipped and "<script" not in page
-    assert page.index("<h3>Summary</h3>") < page.index("<h3>Verdicts per cell") < page.index("<h3>Trials</h3>")
+    assert page.count('src="data:image/png;base64,') == 9 + flipped and "<script" not in page  # + the verdict matrix
+    # the first screen: the verdict matrix and the reproduction scorecard, then the summary lines
+    assert page.index('alt="verdict matrix"') < page.index("<h3>Reproduction scorecard</h3>") < \
+        page.index("<h3>Summary</h3>") < page.index("<h3>Verdicts per cell") < page.index("<h3>Trials</h3>")
+    assert "about 5 units flip a memorized example" in page and "100% -&gt; 3%" in page
     assert "(protocol 3)" in page and 'alt="forgotten vs kept"' in page
     # every verdict of analysis.findings is a row of the table, coloured by its verdict
     js = run_cli("--results-dir", str(results), "--sweep", "t1", "--format", "json", module="analysis.findings")
@@ -272,7 +275,7 @@ def test_report_puts_several_sweeps_side_by_side(tiny_sweep, tmp_path):
     assert page.index("<h2>Sweep t1") < page.index("<h2>Sweep t2")
     # the forgotten-vs-kept figure is the trial's file under figures/sweep=t1 only; flip collateral
     # where a greedy edit flipped its target (the trained models decide)
-    per = 8 + q(results, "flips", "select count(distinct trial_key) from t where method = 'greedy' and flipped "
+    per = 9 + q(results, "flips", "select count(distinct trial_key) from t where method = 'greedy' and flipped "
                                   "and sweep = 't1'")[0][0]
     assert page.count('src="data:image/png;base64,') == per + (per - 1)
     assert f"2 sweep(s), {2 * per - 1} figures" in p.stdout
