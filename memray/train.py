@@ -182,6 +182,7 @@ class Trainer:
         # the free memorization proxy (EXPERIMENTS.md section 8, "A free proxy"), from the
         # training pass itself: each example's loss summed over epochs, and the last epoch in
         # which the training pass did not predict its given label (0: none yet)
+        self.record_stats = True  # off only to measure what recording costs (benchmarks/proxy_overhead.py)
         self.cum_loss = torch.zeros(self.data.n_train, device=self.device, dtype=torch.float64)
         self.last_wrong = torch.zeros(self.data.n_train, device=self.device, dtype=torch.int32)
         self.history: list[dict[str, Any]] = []  # evals rows, each with its epoch
@@ -217,9 +218,9 @@ class Trainer:
             self.opt.step()
             self.sched.step()
             total_loss += losses.detach().sum()
-            self.cum_loss.index_add_(0, idx, losses.detach().double())
-            wrong = idx[logits.detach().argmax(1) != y]
-            self.last_wrong[wrong] = self.epoch + 1
+            if self.record_stats:
+                self.cum_loss.index_add_(0, idx, losses.detach().double())
+                self.last_wrong[idx[logits.detach().argmax(1) != y]] = self.epoch + 1
         self.epoch += 1
         if not torch.isfinite(total_loss).item():
             raise Diverged(f"diverged at epoch {self.epoch}: training loss is {total_loss.item()}")

@@ -100,6 +100,9 @@ def build_configs(args) -> list[ExperimentConfig]:
                   or pr.get("epochs_by_dataset", {}).get(ds, 50))
         if width is None and args.preset == "paper" and arch == "resnet9":
             width = PAPER_RESNET9_WIDTH
+        if width is None:
+            width = pr.get("widths_by_arch", {}).get(arch)
+        arch_lr = lr if lr is not None else pr.get("lr_by_arch", {}).get(arch)
         cells = [("none", None, None)]
         for kind in axes["dropout"]:
             if kind == "none":
@@ -115,8 +118,8 @@ def build_configs(args) -> list[ExperimentConfig]:
                 drop.update({"p_gen": pg, "p_mem": pm})
             d["dropout"] = drop
             d.setdefault("optim", {})["epochs"] = epochs
-            if lr is not None:
-                d["optim"]["lr"] = lr
+            if arch_lr is not None:
+                d["optim"]["lr"] = arch_lr
             d.setdefault("analyses", {})["run"] = list(analyses)
             if scores_by_kind:
                 d["analyses"]["memscores"] = scores_by_kind[kind_of_noise]
