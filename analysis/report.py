@@ -94,7 +94,8 @@ def cell_figures(store: Store, cell: Cell) -> list[str]:
                       for label, ids in (("forgotten by drop (most seeds)", forgotten), ("kept by drop", kept))}
             figs.append(_img(plots.png(plots.scores_figure(
                 groups, f"{cell.name}: 5b, clean examples right under own ({cell.memscores})")), "5b scores"))
-    if cell.kind == "plain" and cell.scores is not None and cell.all_rows("example_stats"):  # 8c: the free proxy
+    score_arch = next((r.get("arch") for r in (cell.scores or {}).values()), None)
+    if cell.kind == "plain" and score_arch == cell.arch and cell.all_rows("example_stats"):  # 8c: the free proxy
         loss = proxy_values(cell, "cum_loss")
         groups = {label: ([cell.scores[i]["score"] for i in ids], [loss[i] for i in ids])
                   for label, want in (("noisy", True), ("clean", False))

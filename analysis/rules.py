@@ -670,6 +670,8 @@ def finding_8c(cell: Cell) -> Verdict:
         return inconclusive("8c", cell, f"{len(ids)} examples with both a score and a loss, need {MIN_EXAMPLES}")
     score = [cell.scores[i]["score"] for i in ids]
     rho, lo, hi = S.spearman_fisher([loss[i] for i in ids], score)
+    if math.isnan(rho):
+        return inconclusive("8c", cell, "rho undefined: the cumulative losses or the scores are all equal", n=len(ids))
     clean = [i for i in ids if not cell.scores[i]["is_noisy"]]
     rho_clean = S.spearman_fisher([loss[i] for i in clean], [cell.scores[i]["score"] for i in clean])[0] \
         if len(clean) >= MIN_EXAMPLES else math.nan

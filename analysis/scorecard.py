@@ -36,7 +36,7 @@ PAPER = {
 }
 QUALITATIVE = "qualitative"
 COLOURS = {"agree": "#4daf4a", "differ": "#e41a1c", "inconclusive": "#f2d65c", "": "#ffffff"}
-PER_METHOD = ("7a", "7c")
+PER_METHOD = ("7a", "7c", "7d")  # one verdict per localization method
 
 
 def short(cell: str) -> str:
@@ -48,6 +48,15 @@ def short(cell: str) -> str:
         model = f"{arch} w{model[len(arch):]}"
     kind = parts[2].split()[0] if len(parts) > 2 else ""
     return " ".join(p for p in (model, kind, "placebo" if cell.endswith("placebo") else "") if p)
+
+
+def names(cells: list[str]) -> dict[str, str]:
+    """{cell: its short name}, the full name wherever two cells would share a short one (cells of
+    other datasets, p_gen, p_mem or noise rates)."""
+    by_short: dict[str, list[str]] = defaultdict(list)
+    for c in dict.fromkeys(cells):
+        by_short[short(c)].append(c)
+    return {c: (sh if len(cs) == 1 else c) for sh, cs in by_short.items() for c in cs}
 
 
 def _head(value: str, n: int = 56) -> str:
@@ -62,6 +71,7 @@ def scorecard(verdicts: list[Verdict]) -> list[dict[str, str]]:
     for v in verdicts:
         if v.noise_kind != "placebo":
             by_id[v.id].append(v)
+    name = names([v.cell for vs in by_id.values() for v in vs])
     rows = []
     for fid, spec in FINDINGS.items():
         vs = by_id.get(fid)
@@ -69,8 +79,8 @@ def scorecard(verdicts: list[Verdict]) -> list[dict[str, str]]:
             continue
         cells: dict[str, list[Verdict]] = defaultdict(list)
         for v in vs:
-            cells[short(v.cell)].append(v)
-        if fid in PER_METHOD or fid == "7d":
+            cells[name[v.cell]].append(v)
+        if fid in PER_METHOD:
             value = "; ".join(f"{c}: {sum(v.verdict == 'agree' for v in cv)}/{len(cv)} methods agree"
                               for c, cv in cells.items())
         else:
@@ -144,7 +154,8 @@ def matrix_png(verdicts: list[Verdict], title: str = "") -> bytes:
             v = grid.get((r, c), "")
             ax.text(j, i, {"agree": "A", "differ": "D", "inconclusive": "?"}.get(v, ""), ha="center",
                     va="center", fontsize=7, color="white" if v in ("agree", "differ") else "black")
-    ax.set_xticks(range(len(cols)), [short(c).replace(" ", "\n") for c in cols], fontsize=8)
+    name = names(cols)
+    ax.set_xticks(range(len(cols)), [name[c].replace(" ", "\n") for c in cols], fontsize=8)
     for tick, c in zip(ax.get_xticklabels(), cols):
         if c.endswith("placebo"):
             tick.set_color("#777777")

@@ -155,7 +155,9 @@ def spearman_fisher(x: Sequence[float], y: Sequence[float]) -> tuple[float, floa
     """(rho, low, high): Spearman's rho with its Fisher-z 95% interval (se 1 / sqrt(n - 3))."""
     rho = float(stats.spearmanr(x, y).statistic)
     n = len(x)
-    if n < 4 or not math.isfinite(rho) or abs(rho) >= 1:
+    if math.isfinite(rho) and abs(rho) >= 1 and n >= 4:
+        return rho, rho, rho
+    if n < 4 or not math.isfinite(rho):
         return rho, math.nan, math.nan
     z, half = math.atanh(rho), 1.959964 / math.sqrt(n - 3)
     return rho, math.tanh(z - half), math.tanh(z + half)

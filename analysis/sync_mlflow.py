@@ -18,7 +18,7 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from memray.mlflow_view import MlflowView, runs_link
+from memray.mlflow_view import TRIALS_FILTER, MlflowView, runs_link
 from memray.summary import flip_summary, layer_summary, localization_summary, memscore_summary
 from memray.tables import default_mlflow_uri, exists, read_bytes
 
@@ -99,6 +99,13 @@ def main(argv=None) -> int:
     uri = args.mlflow_uri or default_mlflow_uri(args.results_dir)
     try:
         done = sync(args.results_dir, uri, args.sweep, args.skip_corrupt)
+        client = MlflowClient(tracking_uri=uri)
+        links = {}
+        for sweep in done:
+            exp = client.get_experiment_by_name(sweep)
+            if exp is not None:
+                trials = bool(client.search_runs([exp.experiment_id], TRIALS_FILTER, max_results=1))
+                links[sweep] = runs_link(uri, exp.experiment_id, trials)
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -109,12 +116,10 @@ def main(argv=None) -> int:
         print(f"error: MLflow at {uri} failed ({type(e).__name__}: {e}); the Parquet tables are unchanged",
               file=sys.stderr)
         return 1
-    client = MlflowClient(tracking_uri=uri)
     for sweep, n in done.items():
         print(f"synced sweep {sweep!r}: {n} trials (models, for a scoring sweep) -> {uri}")
-        exp = client.get_experiment_by_name(sweep)
-        if exp is not None:
-            print(f"  its training runs: {runs_link(uri, exp.experiment_id)}")
+        if sweep in links:
+            print(f"  its runs in MLflow's UI: {links[sweep]}")
     return 0
 
 

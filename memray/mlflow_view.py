@@ -100,11 +100,12 @@ def ui_base(uri: str) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 
-def runs_link(uri: str, experiment_id: str) -> str:
+def runs_link(uri: str, experiment_id: str, trials: bool = True) -> str:
     """The link that opens a sweep's training runs, its trials listed, in a browser that has never
-    opened MLflow: `<ui>/#/experiments/<id>/runs?workflowType=machine_learning&searchFilter=...&orderByKey=...`."""
-    query = urlencode({"workflowType": "machine_learning", "searchFilter": TRIALS_FILTER, "orderByKey": BY_NAME,
-                       "orderByAsc": "true"}, quote_via=quote)
+    opened MLflow: `<ui>/#/experiments/<id>/runs?workflowType=machine_learning&searchFilter=...&orderByKey=...`.
+    `trials=False` (a scoring sweep: one run, no trials): the runs page unfiltered."""
+    facets = {"searchFilter": TRIALS_FILTER, "orderByKey": BY_NAME, "orderByAsc": "true"} if trials else {}
+    query = urlencode({"workflowType": "machine_learning", **facets}, quote_via=quote)
     return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?{query}"
 
 
