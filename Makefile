@@ -12,7 +12,7 @@ LOCK   := requirements.lock
 COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
 	--custom-compile-command "make lock" -o $(LOCK)
 
-.PHONY: sweep test test-fast install check-env lock lock-upgrade bench clean
+.PHONY: sweep test test-fast install check-env lock lock-upgrade bench clean cluster-deps cluster-src
 
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ test: check-env
 
 test-fast: check-env
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Debian/Ubuntu packages that `ray up cluster-onprem.yaml` and its test need (SSH server and
+# client, rsync, netcat); the test skips, saying so, without them.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+cluster-deps:
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync netcat-openbsd
+
+# The project's files for cluster-onprem.yaml's file_mounts (scripts/cluster_src.sh says why)
+cluster-src:
+	scripts/cluster_src.sh build/cluster-src
 
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
