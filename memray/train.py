@@ -220,7 +220,8 @@ class Trainer:
             total_loss += losses.detach().sum()
             if self.record_stats:
                 self.cum_loss.index_add_(0, idx, losses.detach().double())
-                self.last_wrong[idx[logits.detach().argmax(1) != y]] = self.epoch + 1
+                wrong = logits.detach().argmax(1) != y  # no boolean indexing: no device sync a step
+                self.last_wrong[idx] = torch.where(wrong, self.epoch + 1, self.last_wrong[idx])
         self.epoch += 1
         if not torch.isfinite(total_loss).item():
             raise Diverged(f"diverged at epoch {self.epoch}: training loss is {total_loss.item()}")
