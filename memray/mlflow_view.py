@@ -191,13 +191,15 @@ class MlflowView:
         self.log_files(self.parent_id, {"memscores_summary.json": json.dumps(summary, indent=1, sort_keys=True)})
         self.close("FINISHED")
 
-    def log_metrics(self, run_id: str, by_step: dict[int, dict[str, float]]) -> None:
+    def log_metrics(self, run_id: str, by_step: dict[int, dict[str, float]], synchronous: bool = True) -> list:
         """Log {step: {name: value}} in as few log_batch calls as MLflow allows (one store write
-        costs about the same for one step's metrics as for ten)."""
+        costs about the same for one step's metrics as for ten). `synchronous=False`: through
+        MLflow's asynchronous queue; returns its RunOperations (wait() raises a failed write)."""
         rows = [Metric(k, float(v), 0, int(step)) for step, metrics in sorted(by_step.items())
                 for k, v in sorted(metrics.items())]
-        for i in range(0, len(rows), self.MAX_BATCH):
-            self.client.log_batch(run_id, metrics=rows[i:i + self.MAX_BATCH])
+        ops = [self.client.log_batch(run_id, metrics=rows[i:i + self.MAX_BATCH], synchronous=synchronous)
+               for i in range(0, len(rows), self.MAX_BATCH)]
+        return [op for op in ops if op is not None]
 
     def log_figures(self, run_id: str, results: str, trial_key: str) -> int:
         fs, base = tables.filesystem(results)

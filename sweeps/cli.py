@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 from memray import tables
@@ -43,6 +44,9 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--analysis-workers", type=int, default=1)
     p.add_argument("--mlflow-uri", default=None, help="tracking URI [sqlite:///<results>/mlflow.db]")
+    p.add_argument("--checkpoint-s", type=float, default=30.0,
+                   help="seconds between a trial's checkpoints; its last training epoch is always "
+                        "checkpointed, and 0 checkpoints every report [30]")
     p.add_argument("--dry-run", action="store_true", help="print the trials and exit")
 
 
@@ -95,6 +99,8 @@ def check_runtime(args) -> None:
         raise UsageError(f"--cpus-per-trial={args.cpus_per_trial} is invalid: a number > 0")
     if args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial={args.gpus_per_trial} is invalid: a number >= 0")
+    if not args.checkpoint_s >= 0 or math.isinf(args.checkpoint_s):
+        raise UsageError(f"--checkpoint-s={args.checkpoint_s} is invalid: a finite number >= 0")
     if args.analysis_workers < 0:
         raise UsageError(f"--analysis-workers={args.analysis_workers} is invalid: an integer >= 0")
 

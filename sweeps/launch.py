@@ -59,8 +59,9 @@ def tune_environment() -> None:
     """Environment for Tune in the driver; set before Ray is imported."""
     # Tune's classic progress table honours our columns (the newer output engine picks its own).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Per-epoch checkpoints with num_to_keep force frequent experiment-state snapshots; they are
-    # cheap here (a few ms of driver time each), so Tune's warning about them is noise.
+    # Frequent checkpoints (--checkpoint-s 0: every epoch) with num_to_keep force frequent
+    # experiment-state snapshots; they are cheap here (a few ms of driver time each), so Tune's
+    # warning about them is noise.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's JSON and CSV result logs stay (each trial's folder under <results>/ray); its TensorBoard
     # logger does not: MLflow is the UI here, and TensorBoard events took about 5 s of the driver's
@@ -140,7 +141,8 @@ def launch(args, plan: Plan) -> int:
              else {"exp": plan.exp_space})
     space = {**space, "sweep": args.name, "results_dir": args.results_dir, "data_dir": args.data_dir,
              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
-             "analysis_workers": args.analysis_workers, "run_id": run_id, "objective": plan.objective}
+             "analysis_workers": args.analysis_workers, "run_id": run_id, "objective": plan.objective,
+             "checkpoint_s": args.checkpoint_s}
     callbacks = [TrialsTable(args.results_dir, args.name),
                  MlflowLogger(args.mlflow_uri, args.name, args.results_dir, source_tags=source_tags(),
                               verdicts=functools.partial(verdict_files, args.results_dir, args.name)),

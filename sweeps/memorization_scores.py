@@ -61,8 +61,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int), p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, help="base of the model seeds [0]")
-    p.add_argument("--checkpoint-s", type=float, default=30.0,
-                   help="seconds between a trial's checkpoints (each holds its models' weights) [30]")
     add_runtime_flags(p)
     return p
 
@@ -89,8 +87,6 @@ def build_configs(args) -> list[ScoreConfig]:
     r = _pick(args, pr, "subset_fraction", "subset_fraction", 0.7)
     if not 0 < r < 1:
         raise UsageError(f"--subset-fraction={r} is invalid: a number in the open interval (0, 1)")
-    if not args.checkpoint_s >= 0 or math.isinf(args.checkpoint_s):
-        raise UsageError(f"--checkpoint-s={args.checkpoint_s} is invalid: a finite number >= 0")
     data = DataConfig(dataset=dataset, noise_rate=_pick(args, pr, "noise", "noise", 0.1),
                       noise_kind=_pick(args, pr, "noise_kind", "noise_kind", "label"),
                       data_seed=_pick(args, pr, "data_seed", "data_seed", 0))

@@ -1,6 +1,5 @@
 """The driver's MLflow logger against a real (SQLite) MLflow store: per-epoch metrics are batched
 into one store write per trial per flush window, and a trial's run is complete when it closes."""
-import threading
 import time
 from types import SimpleNamespace
 
@@ -11,24 +10,17 @@ from trainables.callbacks import MlflowLogger
 from .conftest import small_cfg
 
 
-def _sync(log: MlflowLogger) -> None:
-    """Return once the logger thread has run every job submitted so far."""
-    done = threading.Event()
-    log._submit(done.set)
-    assert done.wait(60)
-
-
 def test_mlflow_logger_batches_epochs_and_flushes_before_closing(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     log = MlflowLogger(uri, "b", str(tmp_path), flush_s=2.0)
     log.setup()
-    _sync(log)
+    log.ready.result(timeout=60)  # the store is opened in the background
     writes = []
     log_batch = log.view.client.log_batch
 
     def counting(run_id, **kw):
         if kw.get("metrics"):
-            writes.append(len(kw["metrics"]))
+            writes.append((len(kw["metrics"]), kw.get("synchronous")))
         return log_batch(run_id, **kw)
     log.view.client.log_batch = counting
 
@@ -42,18 +34,19 @@ def test_mlflow_logger_batches_epochs_and_flushes_before_closing(tmp_path):
 
     for epoch in range(1, 6):
         log.on_trial_result(0, [], trial, result(epoch))
-    _sync(log)
+    log.on_step_end(0, [])
     assert writes == []  # due 2 s after the first of them
-    time.sleep(3.0)
-    assert writes == [10]  # five epochs x two metrics, one store write
+    time.sleep(2.5)
+    log.on_step_end(0, [])  # Tune's loop checks every step
+    assert writes == [(10, False)]  # five epochs x two metrics, one asynchronous store write
 
     for epoch in (6, 7):
         log.on_trial_result(0, [], trial, result(epoch))
     log.on_trial_result(0, [], trial, result(7, phase="done"))
     log.on_trial_complete(0, [], trial)
-    _sync(log)
-    assert writes == [10, 6]  # written before the run was closed, not at the next flush
-    log.drain()
+    assert writes == [(10, False), (6, False)]  # sent before the run was closed, not at the next flush
+    log.drain()  # every asynchronous write has landed
+    assert not log.failed and log.ops == []
 
     c = MlflowClient(tracking_uri=uri)
     (run,) = [r for r in c.search_runs([c.get_experiment_by_name("b").experiment_id])

@@ -83,7 +83,7 @@ def test_two_node_cluster_spreads_trials_and_survives_losing_a_node(tmp_path):
     cluster.wait_for_nodes()
     results = tmp_path / "r"
     try:
-        proc = _start("--preset", "tiny", "--epochs", "80", "--widths", "512", "--analyses", "none",
+        proc = _start("--preset", "tiny", "--epochs", "80", "--widths", "512", "--analyses", "none", "--checkpoint-s", "0",
                       "--address", cluster.address, "--results-dir", str(results), "--name", "two")
         t0 = time.time()
         while not all_trials_checkpointed(results, "two", 2, at_least=3):

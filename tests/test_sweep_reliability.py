@@ -92,7 +92,7 @@ def assert_final_equals_uninterrupted(results, key: str, config_json: str, epoch
 
 def test_sigkill_of_a_trial_worker_resumes_from_its_checkpoint(tmp_path):
     results = tmp_path / "r"
-    proc = start("sweeps.dropout_grid", "--preset", "tiny", "--epochs", "40", "--widths", "256",
+    proc = start("sweeps.dropout_grid", "--preset", "tiny", "--epochs", "40", "--widths", "256", "--checkpoint-s", "0",
                  "--analyses", "none", "--results-dir", str(results), "--name", "k")
     # kill a trainable's process once both trials have checkpointed (and before any trial ended)
     wait_for(lambda: all_trials_checkpointed(results, "k", 2, at_least=2), proc, what="checkpoints")
@@ -123,7 +123,7 @@ def test_a_damaged_newest_checkpoint_restarts_the_retry_from_an_older_one(tmp_pa
     run. (A checkpoint folder deleted outright is refused by Tune 2.60 itself before the trainable
     runs: "Could not recover from checkpoint as it does not exist on storage anymore".)"""
     results = tmp_path / "r"
-    proc = start("sweeps.dropout_grid", "--preset", "tiny", "--epochs", "40", "--widths", "256",
+    proc = start("sweeps.dropout_grid", "--preset", "tiny", "--epochs", "40", "--widths", "256", "--checkpoint-s", "0",
                  "--analyses", "none", "--results-dir", str(results), "--name", "k")
     wait_for(lambda: all_trials_checkpointed(results, "k", 2, at_least=3), proc, what="checkpoints")
     victim = processes("ray::ImplicitFunc")[0]

@@ -4,6 +4,7 @@ import re
 import subprocess
 
 import pytest
+import torch
 
 from .conftest import PY, q, run_cli
 
@@ -42,6 +43,16 @@ def test_tiny_sweep_writes_every_table(tiny_sweep):
         ts = [json.loads(line)["timestamp"] for line in f.read_text().splitlines()]
         spans.append((min(ts), max(ts)))
     assert len(spans) == 2 and max(a for a, _ in spans) <= min(b for _, b in spans)  # 1 s resolution
+    # checkpoints by time (--checkpoint-s, 30 s by default) and at the last training epoch: every
+    # epoch is reported, one checkpoint per started 30 s of training, the newest holding epoch 3
+    for f in sorted(results.glob("ray/t1/*/result.json")):
+        res = [json.loads(line) for line in f.read_text().splitlines()]
+        assert [r["epoch"] for r in res if r["phase"] == "train"] == [1, 2, 3]
+        cks = sorted(f.parent.glob("checkpoint_*"))
+        train_s = next(r for r in res if r["phase"] == "done")["time/train"]
+        assert 1 <= len(cks) <= 1 + train_s // 30 and cks[-1].name == f"checkpoint_{len(cks) - 1:06d}"
+        state = torch.load(cks[-1] / "state.pt", weights_only=True)
+        assert int(state["epoch"]) == 3
     for k, dropout in q(results, "trials", "select trial_key, dropout from t"):
         figs = sorted(p.name for p in (results / "figures" / "sweep=t1" / k).iterdir())
         # an ETD trial also draws the clean examples `drop` forgets beside kept ones

@@ -7,10 +7,9 @@ route to a tracking server). MLflow failures never fail a trial: they warn, and
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, ClassVar
 
 from ray import tune
@@ -77,12 +76,14 @@ def error_line(trial) -> str:
 class MlflowLogger(tune.Callback):
     """Experiment = sweep; one parent run per sweep name, one child per trial (tag trial_key).
 
-    All MLflow calls run on one background thread, in order: a slow store (creating a fresh SQLite
-    database takes seconds) or a slow server never holds up Tune's loop or the trials' reports.
-    Per-epoch metrics are batched: a trial's metrics go out at most `flush_s` after they arrive,
-    in one `log_batch` (a store write costs about the same for one epoch's metrics as for ten),
-    and before its run is closed. The thread is drained when the experiment ends. After the first
-    failure it stops logging (one warning) and the sweep goes on."""
+    The store is opened (created, for a new SQLite database: seconds) in the background while Tune
+    starts the trials; every later call waits for it. Per-epoch metrics go out through MLflow's own
+    asynchronous logging (`log_batch(..., synchronous=False)`: its queue writes them on its own
+    thread), batched per trial: a trial's metrics are sent at most `flush_s` after they arrive (a
+    store write costs about the same for one epoch's metrics as for ten), checked at every step
+    of Tune's loop, and before its run is closed. Runs are created and closed synchronously (a
+    few ms each). At the end every asynchronous write is waited for. After the first failure it
+    stops logging (one warning) and the sweep goes on."""
 
     live: ClassVar[list["MlflowLogger"]] = []  # every logger in this process (a restored Tuner
     # unpickles its own copy: `drain_all` reaches it too)
@@ -95,12 +96,13 @@ class MlflowLogger(tune.Callback):
         MlflowLogger.live.append(self)
         self.view = None
         self.failed = False
-        self.queue: queue.Queue = queue.Queue()
-        self.thread: threading.Thread | None = None
-        # trial_key -> (exp, {epoch: metrics}) not yet written; only the logger thread touches it
+        self.ready: Future | None = None  # the store opened, the experiment and parent run found
+        # trial_key -> (exp, {epoch: metrics}) not yet sent, and when they are due
         self.pending: dict[str, tuple[dict, dict[int, dict[str, float]]]] = {}
+        self.due: dict[str, float] = {}
+        self.ops: list = []  # MLflow's RunOperations of the writes in flight
 
-    def __getstate__(self):  # Tune pickles callbacks with the experiment: leave the thread out
+    def __getstate__(self):  # Tune pickles callbacks with the experiment: leave the store out
         return {"uri": self.uri, "sweep": self.sweep, "results": self.results, "flush_s": self.flush_s,
                 "source_tags": self.source_tags, "verdicts": self.verdicts}  # a module function's partial
 
@@ -108,44 +110,36 @@ class MlflowLogger(tune.Callback):
         self.__init__(state["uri"], state["sweep"], state["results"], state.get("flush_s", 5.0),
                       state.get("source_tags"), state.get("verdicts"))
 
-    def _run(self):
-        due = None  # when the oldest pending metrics must be written
-        while True:
-            try:
-                job = self.queue.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
-            except queue.Empty:
-                self._guard(self._flush, None)
-                due = None
-                continue
-            if job is None:
-                self._guard(self._flush, None)
-                return
-            fn, args = job
-            self._guard(fn, *args)
-            if self.pending and due is None:
-                due = time.monotonic() + self.flush_s
-
-    def _guard(self, fn, *args):
-        if self.failed:
-            return
-        try:
-            fn(*args)
-        except Exception as e:  # MLflow is a view: never fail a trial over it
-            self.failed = True
+    def _fail(self, e: BaseException) -> None:
+        if not self.failed:
             warnings.warn(f"MLflow logging failed ({type(e).__name__}: {e}); the Parquet tables are "
                           f"complete: `python -m analysis.sync_mlflow --results-dir {self.results}` "
-                          f"rebuilds it", stacklevel=1)
+                          f"rebuilds it", stacklevel=2)
+        self.failed = True
 
-    def _submit(self, fn, *args):
-        self.queue.put((fn, args))
+    def _guard(self, fn, *args):
+        """fn(*args) once the store is open; MLflow is a view: never fail a trial over it."""
+        if self.failed or self.ready is None:
+            return
+        try:
+            self.ready.result()
+            fn(*args)
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
 
     def setup(self, **info):
-        self.thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
-        self.thread.start()
-        self._submit(self._setup)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open")
+        self.ready = pool.submit(self._setup)
+        pool.shutdown(wait=False)
+
+    def _setup(self):
+        from memray.mlflow_view import MlflowView
+
+        self.view = MlflowView(self.uri, self.sweep, self.source_tags)
 
     def on_experiment_end(self, trials, **info):
-        self._submit(self._close, "FAILED" if any(t.status == t.ERROR for t in trials) else "FINISHED")
+        self._guard(self._flush, None)
+        self._guard(self._close, "FAILED" if any(t.status == t.ERROR for t in trials) else "FINISHED")
         self.drain()
 
     @classmethod
@@ -154,17 +148,22 @@ class MlflowLogger(tune.Callback):
             logger.drain()
 
     def drain(self):
-        if self.thread is not None and self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-
-    def _setup(self):
-        from memray.mlflow_view import MlflowView
-
-        self.view = MlflowView(self.uri, self.sweep, self.source_tags)
+        """Send what is pending and wait for every asynchronous write."""
+        self._guard(self._flush, None)
+        ops, self.ops = self.ops, []
+        for op in ops:
+            try:
+                op.wait()
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._submit(self._collect, trial.config["exp"], dict(result))
+        self._collect(trial.config["exp"], dict(result))
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        for key in [k for k, t in self.due.items() if t <= now]:
+            self._guard(self._flush, key)
 
     def _collect(self, exp, result):
         key = result.get("trial_key") or ExperimentConfig.from_dict(exp).trial_key
@@ -182,19 +181,21 @@ class MlflowLogger(tune.Callback):
                             and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v})
         by_step = self.pending.setdefault(key, (exp, {}))[1]
         by_step.setdefault(int(result["epoch"]), {}).update(metrics)
+        self.due.setdefault(key, time.monotonic() + self.flush_s)
 
     def _flush(self, key: str | None):
-        """Write the pending metrics of one trial (key) or of all."""
+        """Send the pending metrics of one trial (key) or of all, asynchronously."""
         for k in [key] if key is not None else list(self.pending):
+            self.due.pop(k, None)
             if k in self.pending:
                 exp, by_step = self.pending.pop(k)
-                self.view.log_metrics(self.view.child(k, exp), by_step)
+                self.ops += self.view.log_metrics(self.view.child(k, exp), by_step, synchronous=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._submit(self._finish, trial.config["exp"], "FINISHED", (trial.last_result or {}).get("data_digest"))
+        self._guard(self._finish, trial.config["exp"], "FINISHED", (trial.last_result or {}).get("data_digest"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._submit(self._finish, trial.config["exp"], "FAILED", None)
+        self._guard(self._finish, trial.config["exp"], "FAILED", None)
 
     def _close(self, status):
         if self.verdicts is not None:

@@ -1,8 +1,10 @@
 """The Ray Tune function trainable: one `memray.experiment.Trial`, adapted to Tune.
 
 In the shape of Tune's own function-trainable examples: restore from `tune.get_checkpoint()`,
-report each epoch with a checkpoint (`FailureConfig` restarts a killed trial from its last one),
-and hand the analyses to the trial's actors (`trainables.actors`). Everything a trial does is
+report each epoch, with a checkpoint at most every `checkpoint_s` seconds (`--checkpoint-s`) and at
+the last training epoch (`FailureConfig` restarts a killed trial from its last one; training is
+deterministic, so a trial resumed from an older checkpoint ends with the same numbers), and hand
+the analyses to the trial's actors (`trainables.actors`). Everything a trial does is
 memray's; this module only moves it through Tune.
 
 The sweep driver imports this module: it loads no torch and no memray model code at import (the
@@ -84,12 +86,20 @@ def train_trial(config: dict[str, Any]) -> None:
 
     restore_newest_readable(trial, tune.get_checkpoint())
     base = {"trial_key": exp.trial_key, "node_id": node_id, "device": device, "restored_from": trial.restored_from}
+    every, last = float(config.get("checkpoint_s", 30.0)), time.monotonic()
     for metrics in trial.epochs():
         t = time.perf_counter()
-        with tempfile.TemporaryDirectory() as d:
-            trial.save(Path(d) / "state.pt")
-            tune.report({**base, "epoch": trial.epoch, "phase": "train", "wall_s": trial.wall_s, **metrics},
-                        checkpoint=tune.Checkpoint.from_directory(d))
-        trial.timed("checkpoint", t)
+        result = {**base, "epoch": trial.epoch, "phase": "train", "wall_s": trial.wall_s, **metrics}
+        # a checkpoint at most every `checkpoint_s` and at the last training epoch (a trial lost in
+        # its analyses does not train again); the other epochs are reported without one
+        if trial.epoch >= exp.optim.epochs or time.monotonic() - last >= every:
+            with tempfile.TemporaryDirectory() as d:
+                trial.save(Path(d) / "state.pt")
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+            last = time.monotonic()
+            trial.timed("checkpoint", t)
+        else:
+            tune.report(result)
+            trial.timed("report", t)
     final = trial.finish(executor)
     tune.report({**base, "epoch": trial.epoch, "phase": "done", "wall_s": trial.wall_s, **final})
