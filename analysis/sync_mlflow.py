@@ -18,6 +18,7 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
+from memray.config import ExperimentConfig
 from memray.mlflow_view import TRIALS_FILTER, MlflowView, runs_link
 from memray.summary import flip_summary, layer_summary, localization_summary, memscore_summary
 from memray.tables import default_mlflow_uri, exists, read_bytes
@@ -70,7 +71,8 @@ def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: 
         trials = store.rows("select trial_key, status, config_json, data_digest from trials where sweep = ? "
                             "order by trial_key", [sweep])
         for t in trials:
-            run_id = view.child(t["trial_key"], json.loads(t["config_json"]))
+            cfg = ExperimentConfig.from_dict(json.loads(t["config_json"]))  # once per trial
+            run_id = view.child(t["trial_key"], cfg)
             evals = store.rows("select epoch, mode, subset, accuracy from evals where sweep = ? and trial_key = ? "
                                "order by epoch", [sweep, t["trial_key"]])
             by_epoch: dict[int, dict[str, float]] = {}
@@ -85,7 +87,7 @@ def sync(results: str, uri: str, sweeps: list[str] | None = None, skip_corrupt: 
                 by_epoch[last] = {**by_epoch[last], **{f"final/{k}": v for k, v in by_epoch[last].items()},
                                   **{k: v for k, v in summary.items() if v == v}}
             view.log_metrics(run_id, by_epoch)
-            view.log_dataset(run_id, json.loads(t["config_json"]), t["data_digest"])
+            view.log_dataset(run_id, cfg, t["data_digest"])
             view.log_figures(run_id, results, t["trial_key"])
             view.client.set_terminated(run_id, {"done": "FINISHED", "failed": "FAILED"}.get(t["status"], "KILLED"))
         view.log_files(view.parent_id, verdict_files(store, sweep))

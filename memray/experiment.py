@@ -197,9 +197,9 @@ class AnalysisRunner:
 
 @dataclass
 class AnalysisJob:
-    """What an executor needs to run a trial's analyses anywhere: plain dicts and tensors."""
+    """What an executor needs to run a trial's analyses anywhere: the config, tensors, work items."""
 
-    exp: dict[str, Any]  # the config, ExperimentConfig.to_dict()
+    cfg: ExperimentConfig  # the trial's typed config, built once (a frozen dataclass: pickles as it is)
     model_state: dict[str, torch.Tensor]
     snapshots: dict[int, dict[str, torch.Tensor]]
     items: list[WorkItem] = field(default_factory=list)
@@ -211,8 +211,7 @@ Executor = Callable[[AnalysisJob], Iterable[tuple[str, Rows]]]
 
 def run_here(job: AnalysisJob, data: Data | None = None, device=None) -> list[tuple[str, Rows]]:
     """The in-process executor: one runner, the items in order."""
-    runner = AnalysisRunner(ExperimentConfig.from_dict(job.exp), job.model_state, job.snapshots, data, device,
-                            rare=job.rare)
+    runner = AnalysisRunner(job.cfg, job.model_state, job.snapshots, data, device, rare=job.rare)
     return list(map(runner.run, job.items))
 
 
@@ -321,7 +320,7 @@ class Trial:
         items = analysis_items(self.cfg, len(tr.model.layer_groups), sorted(tr.snapshots),
                                bool(self.data.noise_mask.any()))
         state = {k: v.detach().cpu() for k, v in tr.model.state_dict().items()} if items else {}
-        return AnalysisJob(self.cfg.to_dict(), state, tr.snapshots if items else {}, items, self.rare)
+        return AnalysisJob(self.cfg, state, tr.snapshots if items else {}, items, self.rare)
 
     def analyse(self, executor: Executor | None = None) -> dict[str, Rows]:
         """Every analysis table of this trial's config, rows in their one order."""

@@ -136,14 +136,13 @@ class MlflowView:
                                                     tags={"memray.role": "sweep", **self.source_tags}).info.run_id
         self._children: dict[str, str] = {}
 
-    def child(self, trial_key: str, exp: dict) -> str:
+    def child(self, trial_key: str, cfg: ExperimentConfig) -> str:
         if trial_key in self._children:
             return self._children[trial_key]
         found = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{trial_key}'", max_results=1)
         if found:
             run_id = found[0].info.run_id
         else:
-            cfg = ExperimentConfig.from_dict(exp)
             source = {k: v for k, v in self.source_tags.items() if k.startswith("mlflow.source.")}
             run_id = self.client.create_run(
                 self.experiment_id, run_name=cfg.run_name,
@@ -154,11 +153,11 @@ class MlflowView:
         self._children[trial_key] = run_id
         return run_id
 
-    def log_dataset(self, run_id: str, exp: dict, digest: str | None) -> None:
+    def log_dataset(self, run_id: str, cfg: ExperimentConfig, digest: str | None) -> None:
         """The trial's dataset as an MLflow dataset input: name, digest, noise config."""
         if not digest:
             return
-        d = ExperimentConfig.from_dict(exp).data
+        d = cfg.data
         noise = {"noise_rate": d.noise_rate, "noise_kind": d.noise_kind, "data_seed": d.data_seed,
                  "train_limit": d.train_limit}
         ds = Dataset(name=d.dataset, digest=digest, source_type="memray",

@@ -169,11 +169,11 @@ def launch(args, plan: Plan) -> int:
     MlflowLogger.drain_all()
     record_end(args, sweep_row)
     started = [r for r in grid if r.config]  # after an interruption, unstarted trials have no config
-    keys = ([c.trial_key for c in configs] if configs is not None else
-            [ExperimentConfig.from_dict(r.config["exp"]).trial_key for r in started])
+    typed = {id(r): ExperimentConfig.from_dict(r.config["exp"]) for r in started}  # once per trial
+    keys = ([c.trial_key for c in configs] if configs is not None else [typed[id(r)].trial_key for r in started])
     rows = {k: tables.finished_row(args.results_dir, args.name, k, run_id) for k in keys}
     status = {k: (r["status"] if r else None) for k, r in rows.items()}
-    print_summary(args, started, status, {k: r["error"] for k, r in rows.items() if r and r["error"]})
+    print_summary(args, started, typed, status, {k: r["error"] for k, r in rows.items() if r and r["error"]})
     unfinished = [k for k, v in status.items() if v is None]
     if unfinished or len(status) < n_trials:
         print(f"\nInterrupted: {n_trials - sum(v is not None for v in status.values())} of {n_trials} trial(s) "
@@ -200,7 +200,8 @@ def mlflow_lines(uri: str, sweep: str) -> list[str]:
     return [f"MLflow UI:  {serve}, then open", f"            {runs_link(uri, exp_id)}"]
 
 
-def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, str]) -> None:
+def print_summary(args, grid, typed: dict[int, ExperimentConfig], status: dict[str, str | None],
+                  errors: dict[str, str]) -> None:
     """Per trial: status, the config axes that vary, own/drop noisy accuracy, drop test accuracy,
     the plain twin's, flip medians (and the objective for a search); failures with their error."""
     search = any(r.config.get("objective") for r in grid)
@@ -211,8 +212,8 @@ def print_summary(args, grid, status: dict[str, str | None], errors: dict[str, s
     print(f"\nSweep {args.name!r}: {len(grid)} trials")
     print(head)
     failures = []
-    for r in sorted(grid, key=lambda r: ExperimentConfig.from_dict(r.config["exp"]).canonical_json()):
-        c = ExperimentConfig.from_dict(r.config["exp"])
+    for r in sorted(grid, key=lambda r: typed[id(r)].canonical_json()):
+        c = typed[id(r)]
         m = r.metrics or {}
 
         def f(k, w):

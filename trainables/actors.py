@@ -33,8 +33,7 @@ class AnalysisWorker:
         self.data: tuple[str, Any] | None = None
         self.runner: AnalysisRunner | None = None
 
-    def setup(self, exp: dict, model_state: dict, snapshots: dict, rare: list[int] | None = None) -> None:
-        cfg = ExperimentConfig.from_dict(exp)
+    def setup(self, cfg: ExperimentConfig, model_state: dict, snapshots: dict, rare: list[int] | None = None) -> None:
         dkey = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True)
         if self.data is None or self.data[0] != dkey:
             self.data = (dkey, load_data(cfg.data, self.data_dir))
@@ -71,7 +70,7 @@ def analysis_executor(cfg: ExperimentConfig, workers: int, cpus: float, gpus: fl
         torch.set_num_threads(1)  # the workers hold the trial's CPUs now
         try:
             state, snaps = ray.put(job.model_state), ray.put(job.snapshots)
-            ray.get([a.setup.remote(job.exp, state, snaps, job.rare) for a in actors])
+            ray.get([a.setup.remote(job.cfg, state, snaps, job.rare) for a in actors])
             pool = ray.util.ActorPool(actors)
             return list(pool.map_unordered(lambda a, item: a.run.remote(item), job.items))
         finally:

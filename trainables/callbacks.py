@@ -21,9 +21,18 @@ from memray.config import ExperimentConfig, parse_metric_key
 ANALYSIS_METRICS = ("flip/", "localize/", "rewind/", "retrain/", "gradients/")
 
 
-def trial_row(sweep: str, exp: dict, status: str, attempts: int, result: dict, error: str | None,
+def config_of(trial) -> ExperimentConfig:
+    """The trial's typed config, built once per trial in the driver (Tune hands its callbacks the
+    same Trial object for every event) and kept on it."""
+    cfg = getattr(trial, "_memray_cfg", None)
+    if cfg is None:
+        cfg = ExperimentConfig.from_dict(trial.config["exp"])
+        trial._memray_cfg = cfg
+    return cfg
+
+
+def trial_row(sweep: str, c: ExperimentConfig, status: str, attempts: int, result: dict, error: str | None,
               run_id: str | None = None) -> dict:
-    c = ExperimentConfig.from_dict(exp)
     return {"sweep": sweep, "trial_key": c.trial_key, "protocol": c.protocol, "dataset": c.data.dataset,
             "arch": c.model.arch, "width": c.model.resolved_width, "noise_rate": c.data.noise_rate,
             "noise_kind": c.data.noise_kind, "data_seed": c.data.data_seed, "dropout": c.dropout.kind,
@@ -44,7 +53,7 @@ class TrialsTable(tune.Callback):
     def _write(self, trial, status: str, error: str | None) -> None:
         result = trial.last_result or {}
         attempts = result.get("attempts") or trial.num_failures + (status != "failed")  # carried if reused
-        row = trial_row(self.sweep, trial.config["exp"], status, attempts, result, error,
+        row = trial_row(self.sweep, config_of(trial), status, attempts, result, error,
                         trial.config.get("run_id"))
         tables.write_fragment(self.results, "trials", self.sweep, row["trial_key"], [row])
 
@@ -97,8 +106,8 @@ class MlflowLogger(tune.Callback):
         self.view = None
         self.failed = False
         self.ready: Future | None = None  # the store opened, the experiment and parent run found
-        # trial_key -> (exp, {epoch: metrics}) not yet sent, and when they are due
-        self.pending: dict[str, tuple[dict, dict[int, dict[str, float]]]] = {}
+        # trial_key -> (config, {epoch: metrics}) not yet sent, and when they are due
+        self.pending: dict[str, tuple[ExperimentConfig, dict[int, dict[str, float]]]] = {}
         self.due: dict[str, float] = {}
         self.ops: list = []  # MLflow's RunOperations of the writes in flight
 
@@ -158,15 +167,15 @@ class MlflowLogger(tune.Callback):
                 self._fail(e)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._collect(trial.config["exp"], dict(result))
+        self._collect(config_of(trial), dict(result))
 
     def on_step_end(self, iteration, trials, **info):
         now = time.monotonic()
         for key in [k for k, t in self.due.items() if t <= now]:
             self._guard(self._flush, key)
 
-    def _collect(self, exp, result):
-        key = result.get("trial_key") or ExperimentConfig.from_dict(exp).trial_key
+    def _collect(self, cfg: ExperimentConfig, result):
+        key = cfg.trial_key
         accs = {k: v for k, v in result.items()
                 if (parse_metric_key(k) or k.split("/")[0] == "objective") and isinstance(v, float)}
         metrics = {}
@@ -179,7 +188,7 @@ class MlflowLogger(tune.Callback):
             # the analyses' summary numbers (memray.summary): flip medians, localization precision
             metrics.update({k: float(v) for k, v in result.items() if k.startswith(ANALYSIS_METRICS)
                             and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v})
-        by_step = self.pending.setdefault(key, (exp, {}))[1]
+        by_step = self.pending.setdefault(key, (cfg, {}))[1]
         by_step.setdefault(int(result["epoch"]), {}).update(metrics)
         self.due.setdefault(key, time.monotonic() + self.flush_s)
 
@@ -188,14 +197,14 @@ class MlflowLogger(tune.Callback):
         for k in [key] if key is not None else list(self.pending):
             self.due.pop(k, None)
             if k in self.pending:
-                exp, by_step = self.pending.pop(k)
-                self.ops += self.view.log_metrics(self.view.child(k, exp), by_step, synchronous=False)
+                cfg, by_step = self.pending.pop(k)
+                self.ops += self.view.log_metrics(self.view.child(k, cfg), by_step, synchronous=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._guard(self._finish, trial.config["exp"], "FINISHED", (trial.last_result or {}).get("data_digest"))
+        self._guard(self._finish, config_of(trial), "FINISHED", (trial.last_result or {}).get("data_digest"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._guard(self._finish, trial.config["exp"], "FAILED", None)
+        self._guard(self._finish, config_of(trial), "FAILED", None)
 
     def _close(self, status):
         if self.verdicts is not None:
@@ -205,10 +214,10 @@ class MlflowLogger(tune.Callback):
                 warnings.warn(f"the sweep's verdict table was not logged ({type(e).__name__}: {e})", stacklevel=1)
         self.view.close(status)
 
-    def _finish(self, exp, status, digest):
-        key = ExperimentConfig.from_dict(exp).trial_key
+    def _finish(self, cfg: ExperimentConfig, status, digest):
+        key = cfg.trial_key
         self._flush(key)
-        run_id = self.view.child(key, exp)
-        self.view.log_dataset(run_id, exp, digest)
+        run_id = self.view.child(key, cfg)
+        self.view.log_dataset(run_id, cfg, digest)
         self.view.log_figures(run_id, self.results, key)
         self.view.client.set_terminated(run_id, status)
