@@ -35,11 +35,12 @@ def bench(arch: str, device: torch.device) -> dict:
     cfg = ExperimentConfig().replace(**{"model.arch": arch, "optim.epochs": epochs, "analyses.run": []})
     tr = Trainer(cfg, load_data(DataConfig(noise_rate=0.1)), device)
     tr.fit()
-    model, data = tr.model.eval(), tr.data
-    for p in model.parameters():
+    tr.model.eval()
+    for p in tr.model.parameters():
         p.requires_grad_(False)
-    targets, ref = select_targets(model, data, N_TARGETS, N_TARGETS, REFERENCE, seed=0)
-    search = FlipSearch(model, data, ref)
+    subject = tr.subject
+    targets, ref = select_targets(subject, N_TARGETS, N_TARGETS, REFERENCE, seed=0)
+    search = FlipSearch(subject, ref)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     modes = {"batched": len(targets), "one_at_a_time": 1}
     times = {k: 0.0 for k in modes}

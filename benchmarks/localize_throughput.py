@@ -46,7 +46,7 @@ def setup(arch: str, device):
     targets = torch.cat([torch.nonzero(noisy).flatten()[:N_TARGETS // 2], torch.nonzero(clean).flatten()[:N_TARGETS // 2]])
     pool = torch.nonzero(~data.noise_mask.cpu()).flatten()
     ref = pool[~torch.isin(pool, targets)][:N_REF]
-    return {t: L.Localizer(model, data, ref, torch.arange(64), etd, t, torch.float32) for t in L.TRACKS}, targets
+    return {t: L.Localizer(tr.subject, ref, torch.arange(64), t, torch.float32) for t in L.TRACKS}, targets
 
 
 def timed(fn) -> float:

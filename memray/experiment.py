@@ -33,6 +33,7 @@ from .data import Data, load_data
 from .dropout import ExampleTiedDropout
 from .models import build_model
 from .objectives import objective_metrics
+from .probes import Subject
 from .probes.flips import flip_rows, select_targets
 from .probes.localize import localization_rows
 from .probes.retraining import retrain_item
@@ -102,24 +103,25 @@ def skipped_analyses(cfg: ExperimentConfig, data: Data) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- analyses
 class AnalysisRunner:
-    """One trained model, its data and weight snapshots: runs work items, returning rows."""
+    """One subject (trained model, data, ETD) and its weight snapshots: runs work items, returning rows."""
 
     def __init__(self, cfg: ExperimentConfig, model_state: dict[str, torch.Tensor],
                  snapshots: dict[int, dict[str, torch.Tensor]], data: Data | None = None,
                  device: torch.device | str | None = None, data_dir=None, rare: list[int] | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device()
-        self.data = (data if data is not None else load_data(cfg.data, data_dir)).to(self.device)
+        data = (data if data is not None else load_data(cfg.data, data_dir)).to(self.device)
         if rare is not None:
-            self.data = self.data.with_rare(rare)
-        self.model = build_model(cfg.model.arch, cfg.model.resolved_width, self.data.in_shape,
-                                 self.data.num_classes).to(self.device)
-        self.model.load_state_dict(model_state)
-        self.model.eval()
-        self.final = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            data = data.with_rare(rare)
+        model = build_model(cfg.model.arch, cfg.model.resolved_width, data.in_shape,
+                            data.num_classes).to(self.device)
+        model.load_state_dict(model_state)
+        model.eval()
+        self.final = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.snapshots = snapshots
-        self.etd = (ExampleTiedDropout(cfg.dropout, self.model.site_units, self.data.n_train, self.device)
-                    if cfg.dropout.kind == "example_tied" else None)
+        etd = (ExampleTiedDropout(cfg.dropout, model.site_units, data.n_train, self.device)
+               if cfg.dropout.kind == "example_tied" else None)
+        self.subject = Subject(model, data, etd)
         self._flip_targets: tuple[torch.Tensor, torch.Tensor] | None = None
         self._localize: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -127,12 +129,12 @@ class AnalysisRunner:
         kind = item[0]
         if kind == "rewind":
             _, g, e = item
-            return "rewinding", rewind_item(self.model, self.final, self.snapshots[e], g, e, self.data, self.etd)
+            return "rewinding", rewind_item(self.subject, self.final, self.snapshots[e], g, e)
         if kind == "retrain":
             _, g = item
             a = self.cfg.analyses
             e = a.retrain_epoch
-            return "retraining", retrain_item(self.model, g, self.snapshots[e], e, self.data, self.etd,
+            return "retraining", retrain_item(self.subject, g, self.snapshots[e], e,
                                               lr=a.retrain_lr, weight_decay=a.retrain_weight_decay,
                                               max_epochs=a.retrain_max_epochs,
                                               patience=a.retrain_patience,
@@ -144,19 +146,19 @@ class AnalysisRunner:
             part = targets[start:stop]
             if part.numel() == 0:
                 return "flips", []
-            return "flips", flip_rows(self.model, self.data, part, ref, method=method, budget=a.flip_budget,
+            return "flips", flip_rows(self.subject, part, ref, method=method, budget=a.flip_budget,
                                       targets_per_batch=a.flip_targets_per_batch,
                                       sites=list(a.flip_sites) if a.flip_sites is not None else None,
-                                      etd=self.etd, eval_samples=a.eval_samples, seed=self.cfg.seed)
+                                      eval_samples=a.eval_samples, seed=self.cfg.seed)
         if kind == "localize":
             _, track, method = item
             a = self.cfg.analyses
             targets, ref, test_ids = self.localize_targets()
             if targets.numel() == 0:
                 return "localization", []
-            return "localization", localization_rows(self.model, self.data, targets, ref, test_ids, [method],
-                                                     list(a.localize_k), budget=a.localize_budget, etd=self.etd,
-                                                     track=track, seed=self.cfg.seed, ig_steps=a.ig_steps)
+            return "localization", localization_rows(self.subject, targets, ref, test_ids, [method],
+                                                     list(a.localize_k), budget=a.localize_budget, track=track,
+                                                     seed=self.cfg.seed, ig_steps=a.ig_steps)
         raise ValueError(f"unknown work item {item!r}")
 
     def localize_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,23 +167,23 @@ class AnalysisRunner:
         trained; with scores named, typical clean ones, then as many rare ones), a clean reference
         batch disjoint from them, and a fixed test sample."""
         if self._localize is None:
-            a = self.cfg.analyses
-            own = (lambda i: self.etd.example_masks(i)) if self.etd is not None else None
-            ok = (predict(self.model, self.data.x_train, own).argmax(1) == self.data.y_train).cpu()
-            noisy = self.data.noise_mask.cpu()
+            a, data, etd = self.cfg.analyses, self.subject.data, self.subject.etd
+            own = (lambda i: etd.example_masks(i)) if etd is not None else None
+            ok = (predict(self.subject.model, data.x_train, own).argmax(1) == data.y_train).cpu()
+            noisy = data.noise_mask.cpu()
             g = streams.torch_generator("localize.targets", self.cfg.seed)
-            rare = (self.data.rare_mask.cpu() if self.data.rare_mask is not None
+            rare = (data.rare_mask.cpu() if data.rare_mask is not None
                     else torch.zeros_like(noisy))
             groups = [torch.nonzero(ok & noisy).flatten(), torch.nonzero(ok & ~noisy & ~rare).flatten()]
             pick = [ids[torch.randperm(len(ids), generator=g)][:a.localize_targets] for ids in groups]
-            if self.data.rare_mask is not None:  # drawn after the others: their draws are unchanged
+            if data.rare_mask is not None:  # drawn after the others: their draws are unchanged
                 ids = torch.nonzero(ok & rare).flatten()
                 pick.append(ids[torch.randperm(len(ids), generator=g)][:a.localize_targets])
             targets = torch.cat(pick)
             clean = torch.nonzero(~noisy).flatten()
             pool = clean[~torch.isin(clean, targets)]
             ref = pool[torch.randperm(len(pool), generator=g)][:a.localize_reference].sort().values
-            test = torch.randperm(self.data.x_test.shape[0], generator=g)[:a.eval_samples]
+            test = torch.randperm(data.x_test.shape[0], generator=g)[:a.eval_samples]
             self._localize = (targets, ref, test)
         return self._localize
 
@@ -189,9 +191,9 @@ class AnalysisRunner:
         """(targets, reference ids), drawn once per runner from the final model (deterministic)."""
         if self._flip_targets is None:
             a = self.cfg.analyses
-            n_noisy = a.flip_targets if self.data.noise_mask.any() else 0
-            self._flip_targets = select_targets(self.model, self.data, n_noisy, a.flip_targets,
-                                                a.flip_reference, self.cfg.seed, self.etd)
+            n_noisy = a.flip_targets if self.subject.data.noise_mask.any() else 0
+            self._flip_targets = select_targets(self.subject, n_noisy, a.flip_targets, a.flip_reference,
+                                                self.cfg.seed)
         return self._flip_targets
 
 
@@ -339,7 +341,7 @@ class Trial:
             out[table] = sorted(rows, key=ROW_ORDER[table])
         tr = self.trainer
         if tr.etd is not None:
-            out["etd_examples"] = example_correctness(tr.model, tr.data, tr.etd)
+            out["etd_examples"] = example_correctness(tr.subject)
         out["example_stats"] = tr.example_stats()
         return out
 

@@ -25,6 +25,7 @@ from .config import ETD_MODES, ExperimentConfig
 from .data import Data, augment, batches
 from .dropout import ExampleTiedDropout, StandardDropout
 from .models import build_model
+from .probes import Subject
 from .probes.gradients import GradientAccounting
 from .sites import SiteModel
 from .summary import final_metrics
@@ -83,12 +84,12 @@ def subset_metrics(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float,
     return acc, loss, y.numel()
 
 
-def evaluate(model: SiteModel, data: Data, mode: str, etd: ExampleTiedDropout | None = None,
-             train: bool = True, test: bool = True) -> list[dict[str, Any]]:
+def evaluate(subject: Subject, mode: str, train: bool = True, test: bool = True) -> list[dict[str, Any]]:
     """`evals` rows (mode, subset, accuracy, loss, n) for one evaluation mode.
 
     plain: no masks; own: each training example's tied mask (train subsets only);
     all / drop: ETD's fixed masks (see memray.dropout)."""
+    model, data, etd = subject.model, subject.data, subject.etd
     rows = []
 
     def add(subset, logits, y):
@@ -116,9 +117,11 @@ def evaluate(model: SiteModel, data: Data, mode: str, etd: ExampleTiedDropout | 
 
 
 @torch.no_grad()
-def example_correctness(model: SiteModel, data: Data, etd: ExampleTiedDropout) -> list[dict[str, Any]]:
-    """`etd_examples` rows: per training example, whether its given label is predicted under its own
-    tied mask, with every unit on (`all`) and with the memorization units dropped (`drop`)."""
+def example_correctness(subject: Subject) -> list[dict[str, Any]]:
+    """`etd_examples` rows: per training example of an ETD subject, whether its given label is
+    predicted under its own tied mask, with every unit on (`all`) and with the memorization units
+    dropped (`drop`)."""
+    model, data, etd = subject.model, subject.data, subject.etd
     right = {"own": predict(model, data.x_train, etd.example_masks).argmax(1) == data.y_train}
     for mode in ("all", "drop"):
         fixed = etd.mode_masks(mode)
@@ -245,8 +248,13 @@ class Trainer:
     def evaluate(self) -> list[dict[str, Any]]:
         rows = []
         for mode in eval_modes(self.cfg):
-            rows += evaluate(self.model, self.data, mode, self.etd)
+            rows += evaluate(self.subject, mode)
         return rows
+
+    @property
+    def subject(self) -> Subject:
+        """The model as trained, its data and ETD: what the probes examine."""
+        return Subject(self.model, self.data, self.etd)
 
     @property
     def needs_noisy_curve(self) -> bool:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from memray.experiment import AnalysisRunner, analysis_items
+from memray.probes import Subject
 from memray.probes.flips import FlipError, FlipSearch, fixed_samples, flip_rows, post_edit, select_targets
 from memray.summary import flip_summary
 from memray.train import Trainer, predict
@@ -14,12 +15,12 @@ from .conftest import small_cfg
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    """(model, data) per arch: small models that memorize some noisy digits."""
+    """A subject per arch: small models that memorize some noisy digits."""
     out = {}
     for arch, width, epochs in (("mlp", 128, 30), ("lenet", 8, 20), ("resnet9", 8, 6), ("vit_small", 16, 6)):
         tr = Trainer(small_cfg(**{"model.arch": arch, "model.width": width, "optim.epochs": epochs}), digits, "cpu")
         tr.fit()
-        out[arch] = (tr.model, tr.data)
+        out[arch] = tr.subject
     return out
 
 
@@ -38,8 +39,9 @@ def _apply(model, data, target, units):
 
 @pytest.mark.parametrize("arch", ["mlp", "lenet", "resnet9", "vit_small"])
 def test_batched_equals_one_at_a_time_and_units_really_flip(trained, arch):
-    model, data = trained[arch]
-    targets, ref = select_targets(model, data, 6, 6, 24, seed=0)
+    subject = trained[arch]
+    model, data = subject.model, subject.data
+    targets, ref = select_targets(subject, 6, 6, 24, seed=0)
     # as many targets of each kind as the model predicts with their given label, at most 6
     ok = predict(model, data.x_train).argmax(1) == data.y_train
     n_noisy, n_clean = int((ok & data.noise_mask).sum()), int((ok & ~data.noise_mask).sum())
@@ -47,9 +49,9 @@ def test_batched_equals_one_at_a_time_and_units_really_flip(trained, arch):
     assert not torch.isin(targets, ref).any()
     assert not data.noise_mask[ref].any()
     kw = {"budget": 24, "eval_samples": 64, "dtype": torch.float64}
-    batched = flip_rows(model, data, targets, ref, targets_per_batch=12, **kw)
-    single = flip_rows(model, data, targets, ref, targets_per_batch=1, **kw)
-    chunked = flip_rows(model, data, targets, ref, targets_per_batch=5, **kw)
+    batched = flip_rows(subject, targets, ref, targets_per_batch=12, **kw)
+    single = flip_rows(subject, targets, ref, targets_per_batch=1, **kw)
+    chunked = flip_rows(subject, targets, ref, targets_per_batch=5, **kw)
     assert [r["units"] for r in batched] == [r["units"] for r in single] == [r["units"] for r in chunked]
     assert [r["flipped"] for r in batched] == [r["flipped"] for r in single]
     assert any(r["flipped"] for r in batched)
@@ -71,15 +73,16 @@ def test_batched_equals_one_at_a_time_and_units_really_flip(trained, arch):
 def test_batched_search_shares_reference_blocks_exactly(trained):
     """A reference block (|R| rows) is computed once per step per distinct zeroed set among the
     targets that take that step; one target at a time computes one per step."""
-    model, data = trained["mlp"]
-    targets, ref = select_targets(model, data, 8, 8, 24, seed=2)
+    subject = trained["mlp"]
+    model = subject.model
+    targets, ref = select_targets(subject, 8, 8, 24, seed=2)
     R = len(ref)
     model.eval().double()  # float64: the batched and one-at-a-time searches agree exactly
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         kw = {"dtype": torch.float64}
-        batched, single = FlipSearch(model, data, ref, **kw), FlipSearch(model, data, ref, **kw)
+        batched, single = FlipSearch(subject, ref, **kw), FlipSearch(subject, ref, **kw)
         res = batched.greedy(targets, 16, targets_per_batch=16)
         assert single.greedy(targets, 16, targets_per_batch=1) == res
     finally:
@@ -99,27 +102,29 @@ def test_batched_search_shares_reference_blocks_exactly(trained):
 
 
 def test_random_baseline_flips_at_its_reported_prefix(trained):
-    model, data = trained["mlp"]
-    targets, ref = select_targets(model, data, 3, 3, 16, seed=1)
-    rows = flip_rows(model, data, targets, ref, method="random", eval_samples=32, dtype=torch.float64)
+    subject = trained["mlp"]
+    model, data = subject.model, subject.data
+    targets, ref = select_targets(subject, 3, 3, 16, seed=1)
+    rows = flip_rows(subject, targets, ref, method="random", eval_samples=32, dtype=torch.float64)
     for r in rows:
         units = [(u["site"], u["unit"]) for u in r["units"]]
         if r["flipped"]:
             assert _apply(model, data, r["example_id"], units) != r["given_label"]
             assert _apply(model, data, r["example_id"], units[:-1]) == r["given_label"]
     # a different seed draws a different order
-    other = flip_rows(model, data, targets, ref, method="random", eval_samples=32, seed=5, dtype=torch.float64)
+    other = flip_rows(subject, targets, ref, method="random", eval_samples=32, seed=5, dtype=torch.float64)
     assert [r["units"] for r in rows] != [r["units"] for r in other]
 
 
 def test_post_edit_accuracy_of_an_empty_edit_is_the_models(trained):
-    model, data = trained["mlp"]
-    _, ref = select_targets(model, data, 1, 1, 8, seed=0)
+    subject = trained["mlp"]
+    model, data = subject.model, subject.data
+    _, ref = select_targets(subject, 1, 1, 8, seed=0)
     samples = fixed_samples(data, 10_000, seed=0)
     assert sorted(samples["test"].tolist()) == list(range(data.x_test.shape[0]))  # the whole test set
     model.double()  # float64: masks of ones change no logit, so no near-tie can fall either way
     try:
-        post = post_edit(FlipSearch(model, data, ref, dtype=torch.float64), samples, [[]])[0]
+        post = post_edit(FlipSearch(subject, ref, dtype=torch.float64), samples, [[]])[0]
         with torch.no_grad():
             pred = model.eval()(data.x_test.double()).argmax(1)
     finally:
@@ -128,28 +133,28 @@ def test_post_edit_accuracy_of_an_empty_edit_is_the_models(trained):
 
 
 def test_sites_option_restricts_the_units(trained):
-    model, data = trained["mlp"]
-    targets, ref = select_targets(model, data, 3, 0, 16, seed=0)
-    rows = flip_rows(model, data, targets, ref, budget=10, sites=[2], eval_samples=32)
+    subject = trained["mlp"]
+    targets, ref = select_targets(subject, 3, 0, 16, seed=0)
+    rows = flip_rows(subject, targets, ref, budget=10, sites=[2], eval_samples=32)
     assert rows and all(u["site"] == 2 for r in rows for u in r["units"])
 
 
 def test_bad_input_is_a_clear_error(trained):
-    model, data = trained["mlp"]
-    n = data.n_train
+    subject = trained["mlp"]
+    n = subject.data.n_train
     ref = torch.arange(5)
     with pytest.raises(FlipError, match=rf"targets holds \[{n}\]: allowed are training example ids 0..{n - 1}"):
-        flip_rows(model, data, torch.tensor([0, n]), ref)
+        flip_rows(subject, torch.tensor([0, n]), ref)
     with pytest.raises(FlipError, match=r"reference_ids holds \[-1\]"):
-        flip_rows(model, data, torch.tensor([0]), torch.tensor([-1, 2]))
+        flip_rows(subject, torch.tensor([0]), torch.tensor([-1, 2]))
     with pytest.raises(FlipError, match=r"budget=0 is invalid: an integer >= 1"):
-        flip_rows(model, data, torch.tensor([0]), ref, budget=0)
+        flip_rows(subject, torch.tensor([0]), ref, budget=0)
     with pytest.raises(FlipError, match=r"sites=\[7\] is invalid: site indices of this model, 0..2"):
-        flip_rows(model, data, torch.tensor([0]), ref, sites=[7])
+        flip_rows(subject, torch.tensor([0]), ref, sites=[7])
     with pytest.raises(FlipError, match=r"method='best' is invalid"):
-        flip_rows(model, data, torch.tensor([0]), ref, method="best")
+        flip_rows(subject, torch.tensor([0]), ref, method="best")
     with pytest.raises(FlipError, match="needs a model with sites .* got Sequential"):
-        FlipSearch(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), data, ref)
+        FlipSearch(Subject(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), subject.data), ref)
 
 
 def test_flip_work_items_cover_the_targets(digits):
@@ -180,15 +185,16 @@ def test_noisy_examples_flip_with_fewer_units_on_digits_mlp(digits):
     cfg = small_cfg(**{"optim.epochs": 60})  # the default recipe: mlp width 512
     tr = Trainer(cfg, digits, "cpu")
     tr.fit()
-    model, data = tr.model, tr.data
-    targets, ref = select_targets(model, data, 32, 32, 64, seed=0)
-    greedy = flip_rows(model, data, targets, ref, budget=64, eval_samples=512)
-    rand = flip_rows(model, data, targets, ref, method="random", eval_samples=64)
+    subject, data = tr.subject, tr.data
+    targets, ref = select_targets(subject, 32, 32, 64, seed=0)
+    greedy = flip_rows(subject, targets, ref, budget=64, eval_samples=512)
+    rand = flip_rows(subject, targets, ref, method="random", eval_samples=64)
 
     def median(rows, noisy):
         return statistics.median(r["n_units"] if r["flipped"] else math.inf for r in rows if r["is_noisy"] == noisy)
 
-    test_before = post_edit(FlipSearch(model.eval(), data, ref), fixed_samples(data, 512, 0), [[]])[0]["test"]
+    tr.model.eval()
+    test_before = post_edit(FlipSearch(subject, ref), fixed_samples(data, 512, 0), [[]])[0]["test"]
     g_noisy, g_clean, r_noisy = median(greedy, True), median(greedy, False), median(rand, True)
     drop = statistics.median(test_before - r["post_test_acc"] for r in greedy if r["is_noisy"])
     sites = {u["site"] for r in greedy for u in r["units"]}

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from memray.models import build_model
+from memray.probes import Subject
 from memray.probes.gradients import GradientAccounting
 from memray.probes.retraining import retrain_layer
 from memray.probes.rewinding import rewind_item, rewind_layer, rewinding_rows
@@ -75,11 +76,11 @@ def test_gradient_accounting_equals_epoch_aggregates_by_autograd():
 
 
 def test_rewind_to_final_changes_nothing(trained):
-    m = trained.model
-    final = {k: v.clone() for k, v in m.state_dict().items()}
-    rows = rewind_item(m, final, final, 2, 3, trained.data)
+    subject = trained.subject
+    final = {k: v.clone() for k, v in subject.model.state_dict().items()}
+    rows = rewind_item(subject, final, final, 2, 3)
     from memray.probes.rewinding import subset_accuracies
-    base = subset_accuracies(m, trained.data)
+    base = subset_accuracies(subject)
     assert {r["subset"]: r["accuracy"] for r in rows} == base
 
 
@@ -101,7 +102,7 @@ def test_rewind_to_init_restores_exactly_group_g(trained):
 
 
 def test_rewinding_table_shape(trained):
-    rows = rewinding_rows(trained.model, trained.snapshots, trained.data)
+    rows = rewinding_rows(trained.subject, trained.snapshots)
     assert len(rows) == 9 * 3 * 4  # groups x snapshot epochs x subsets
     assert {r["rewind_epoch"] for r in rows} == {0, 1, 3}
 
@@ -111,7 +112,7 @@ def test_retraining_touches_only_group_g_and_no_noisy_example(trained):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     seen = []
     g = 4
-    out, info = retrain_layer(m, g, trained.snapshots[0], trained.data, max_epochs=2, seen_ids=seen)
+    out, info = retrain_layer(trained.subject, g, trained.snapshots[0], max_epochs=2, seen_ids=seen)
     assert info["epochs"] <= 2
     keys = set(m.group_state_keys(g))
     for k, v in out.state_dict().items():
@@ -132,15 +133,16 @@ def test_retraining_steps_and_records_its_budget(trained):
     from memray.probes.retraining import CONVERGED, retrain_item
     from memray.probes.rewinding import subset_accuracies
 
-    m, data, g = trained.model, trained.data, 1
-    reset = copy.deepcopy(m)
+    subject, data, g = trained.subject, trained.data, 1
+    reset = copy.deepcopy(subject.model)
     rewind_layer(reset, g, trained.snapshots[0])
-    out, info = retrain_layer(m, g, trained.snapshots[0], data, max_epochs=4)
+    out, info = retrain_layer(subject, g, trained.snapshots[0], max_epochs=4)
     moved = [not torch.equal(p, trained.snapshots[0][n]) for n, p in out.group_parameters(g)]
     assert all(moved)
-    assert subset_accuracies(out, data)["train_clean"] > subset_accuracies(reset, data)["train_clean"]
-    rows = retrain_item(m, g, trained.snapshots[0], 0, data, max_epochs=4)
-    trained_clean = subset_accuracies(m, data)["train_clean"]
+    assert (subset_accuracies(Subject(out, data))["train_clean"]
+            > subset_accuracies(Subject(reset, data))["train_clean"])
+    rows = retrain_item(subject, g, trained.snapshots[0], 0, max_epochs=4)
+    trained_clean = subset_accuracies(subject)["train_clean"]
     clean = next(r["accuracy"] for r in rows if r["subset"] == "train_clean")
     assert {r["epochs_run"] for r in rows} == {info["epochs"]} and 1 <= info["epochs"] <= 4
     assert {r["converged"] for r in rows} == {clean >= CONVERGED * trained_clean}

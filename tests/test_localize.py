@@ -12,6 +12,7 @@ from memray import streams
 from memray.config import DropoutConfig
 from memray.dropout import ExampleTiedDropout
 from memray.models import build_model
+from memray.probes import Subject
 from memray.probes import localize as L
 from memray.train import Trainer
 
@@ -36,7 +37,8 @@ def etd_model(digits):
     clean = torch.nonzero(~data.noise_mask).flatten()[:8]
     pool = torch.nonzero(~data.noise_mask).flatten()
     ref = pool[~torch.isin(pool, clean)][:12]
-    locs = {t: L.Localizer(model, data, ref, torch.arange(40), tr.etd, t, torch.float64) for t in L.TRACKS}
+    subject = Subject(model, data, tr.etd)
+    locs = {t: L.Localizer(subject, ref, torch.arange(40), t, torch.float64) for t in L.TRACKS}
     return locs, torch.cat([noisy, clean])
 
 
@@ -166,16 +168,16 @@ def planted(digits, n_targets=8, width=64):
         p.requires_grad_(False)
     ids = torch.tensor([t for t, _ in targets])
     ref = torch.nonzero(~data.noise_mask).flatten()[:16]
-    return m, data, etd, ids, ref
+    return Subject(m, data, etd), ids, ref
 
 
 @pytest.mark.parametrize("track", L.TRACKS)
 def test_planted_truth_is_found_above_chance(digits, track):
-    m, data, etd, ids, ref = planted(digits)
+    subject, ids, ref = planted(digits)
     assert len(ids) == 8
-    rows = L.localization_rows(m, data, ids, ref, torch.arange(20), ["zero_out", "grad_x_act", "integrated_gradients",
-                                                                    "random", "oracle"], [], budget=8, etd=etd,
-                               track=track, ig_steps=16, dtype=torch.float64)
+    rows = L.localization_rows(subject, ids, ref, torch.arange(20), ["zero_out", "grad_x_act", "integrated_gradients",
+                                                                   "random", "oracle"], [], budget=8, track=track,
+                               ig_steps=16, dtype=torch.float64)
     at = {(r["method"], r["example_id"]): r for r in rows if r["k"] == r["n_truth"]}
     chance = [r["chance"] for r in at.values()]
     assert (track == "decoy") == all(c == 0.5 for c in chance)
@@ -237,14 +239,13 @@ def test_leak_controls_sit_at_chance_on_trained_etd_models(digits, arch, width, 
     assert len(noisy) == 64
     rows = []
     for track in L.TRACKS:
-        rows += L.localization_rows(tr.model, tr.data, noisy, ref, torch.arange(32), ["mask_only", "class_mean",
-                                                                                      "random", "oracle"], [],
-                                    budget=4, etd=tr.etd, track=track)
+        rows += L.localization_rows(tr.subject, noisy, ref, torch.arange(32),
+                                    ["mask_only", "class_mean", "random", "oracle"], [], budget=4, track=track)
     cell = Cell("t", f"{arch}-etd", 3, "example_tied", "label", seeds={0: {"localization": rows}})
     for track, metric in (("decoy", "precision"), ("all", "auroc")):  # each track's finding's metric (7a, 7c)
         assert leaks(cell, track, metric) == [], (track, metric, leak_p(cell, track, metric))
     assert all(r["precision"] == 1.0 for r in rows if r["method"] == "oracle" and r["k"] == r["n_truth"])
-    loc = L.Localizer(tr.model, tr.data, ref, torch.arange(32), tr.etd, "decoy")
+    loc = L.Localizer(tr.subject, ref, torch.arange(32), "decoy")
     old = Cell("t", f"{arch}-etd", 2, "example_tied", "label", seeds={0: {"localization": _own_mode_mask_only(loc, noisy)}})
     assert leaks(old, "own", "precision") == ["mask_only"], leak_p(old, "own", "precision")
     assert all(r["precision"] == 1.0 for r in old.seeds[0]["localization"])
@@ -264,10 +265,11 @@ def test_rows_of_both_tracks_and_bad_input(etd_model):
     locs, ids = etd_model
     loc = locs["decoy"]
     sel = ids[[0, 9]]
+    subject = Subject(loc.model, loc.data, loc.etd)
     n_truth = loc.targets(sel).truth.sum(1).tolist()
     for track in L.TRACKS:
-        rows = L.localization_rows(loc.model, loc.data, sel, loc.ref, torch.arange(30), ["mask_only", "random"],
-                                   [4], budget=16, etd=loc.etd, track=track, dtype=torch.float64)
+        rows = L.localization_rows(subject, sel, loc.ref, torch.arange(30), ["mask_only", "random"], [4],
+                                   budget=16, track=track, dtype=torch.float64)
         assert len(rows) == 2 * 2 * 2  # methods x targets x {4, |truth|}
         for r in rows:
             assert r["track"] == track and r["mode"] == {"decoy": "own", "all": "all"}[track]
@@ -284,4 +286,4 @@ def test_rows_of_both_tracks_and_bad_input(etd_model):
     with pytest.raises(L.LocalizeError, match="method='best' is invalid"):
         L.scores_and_order(loc, "best", loc.targets(sel), 4)
     with pytest.raises(L.LocalizeError, match="track='own' is invalid"):
-        L.Localizer(loc.model, loc.data, loc.ref, torch.arange(4), loc.etd, "own")
+        L.Localizer(subject, loc.ref, torch.arange(4), "own")

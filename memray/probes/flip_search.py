@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import streams
-from ..data import Data
 from ..dropout import ExampleTiedDropout
 from ..sites import SiteModel
+from . import Subject
 
 class FlipError(ValueError):
     pass
@@ -40,11 +40,11 @@ def base_masks(etd: ExampleTiedDropout | None) -> list[torch.Tensor | None] | No
 
 
 class FlipSearch:
-    """Runs the flip analysis for one trained model (frozen, eval mode) on its data."""
+    """Runs the flip analysis on one subject (its model frozen, in eval mode)."""
 
-    def __init__(self, model: SiteModel, data: Data, reference_ids: torch.Tensor, *,
-                 sites: list[int] | None = None, etd: ExampleTiedDropout | None = None,
+    def __init__(self, subject: Subject, reference_ids: torch.Tensor, *, sites: list[int] | None = None,
                  seed: int = 0, dtype: torch.dtype = torch.float32, max_rows: int = 2048):
+        model, data, etd = subject.model, subject.data, subject.etd
         if not isinstance(model, SiteModel) or not model.sites:
             raise FlipError("the flip analysis needs a model with sites (a memray SiteModel); "
                             f"got {type(model).__name__}")

@@ -30,10 +30,9 @@ import torch
 
 from .. import streams
 from ..data import Data
-from ..dropout import ExampleTiedDropout
-from ..sites import SiteModel
 from ..summary import FLIP_METHODS
 from ..train import predict
+from . import Subject
 from .flip_search import FlipError, FlipSearch, base_masks
 
 __all__ = ["FlipError", "FlipSearch", "fixed_samples", "flip_rows", "post_edit", "select_targets"]
@@ -63,15 +62,15 @@ class FlipResult:
         return out
 
 
-def select_targets(model: SiteModel, data: Data, n_noisy: int, n_clean: int, n_reference: int, seed: int,
-                   etd: ExampleTiedDropout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select_targets(subject: Subject, n_noisy: int, n_clean: int, n_reference: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(target ids, reference ids): seeded samples of the noisy and clean training examples the
     model predicts with their given label, and a clean reference batch disjoint from the targets.
     With rare examples marked (`data.rare_mask`), the clean targets are typical ones (not rare)
     and as many rare targets follow them, drawn after the others (the noisy and clean draws are
     unchanged)."""
-    base = base_masks(etd)
-    pred = predict(model, data.x_train, (lambda i: base) if base is not None else None).argmax(1).cpu()
+    data, base = subject.data, base_masks(subject.etd)
+    pred = predict(subject.model, data.x_train, (lambda i: base) if base is not None else None).argmax(1).cpu()
     ok = pred == data.y_train.cpu()
     noisy = data.noise_mask.cpu()
     g = streams.torch_generator("flip.targets", seed)
@@ -129,11 +128,10 @@ def post_edit(search: FlipSearch, samples: dict[str, torch.Tensor], units_per_ta
     return out
 
 
-def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids: torch.Tensor, *,
+def flip_rows(subject: Subject, targets: torch.Tensor, reference_ids: torch.Tensor, *,
               method: str = "greedy", budget: int = 64, targets_per_batch: int = 64,
-              sites: list[int] | None = None, etd: ExampleTiedDropout | None = None,
-              eval_samples: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32,
-              max_rows: int = 2048) -> list[dict[str, Any]]:
+              sites: list[int] | None = None, eval_samples: int = 512, seed: int = 0,
+              dtype: torch.dtype = torch.float32, max_rows: int = 2048) -> list[dict[str, Any]]:
     """`flips` rows for `targets` (training example ids)."""
     if method not in FLIP_METHODS:
         raise FlipError(f"method={method!r} is invalid: one of {list(FLIP_METHODS)}")
@@ -141,28 +139,15 @@ def flip_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids
         raise FlipError(f"budget={budget!r} is invalid: an integer >= 1")
     if not isinstance(targets_per_batch, int) or targets_per_batch < 1:
         raise FlipError(f"targets_per_batch={targets_per_batch!r} is invalid: an integer >= 1")
-    was_training = model.training
-    model.eval()
-    params = [p for p in model.parameters()]
-    req = [p.requires_grad for p in params]
-    orig_dtype = next(model.parameters()).dtype
-    for p in params:
-        p.requires_grad_(False)
-    model.to(dtype)
-    try:
-        search = FlipSearch(model, data, reference_ids, sites=sites, etd=etd, seed=seed, dtype=dtype,
-                            max_rows=max_rows)
+    data = subject.data
+    with subject.frozen(dtype) as model:
+        search = FlipSearch(subject, reference_ids, sites=sites, seed=seed, dtype=dtype, max_rows=max_rows)
         tg = torch.as_tensor(targets, dtype=torch.long)
         search.check_ids(tg, "targets")
         res = (search.greedy(tg, budget, targets_per_batch) if method == "greedy" else search.random(tg))
         samples = {k: v.to(search.device) for k, v in fixed_samples(data, eval_samples, seed).items()}
         pre, *post = post_edit(search, samples, [[]] + [u for u, _ in res])
         site_units = [u if s in search.sites else 0 for s, u in enumerate(model.site_units)]
-    finally:
-        model.to(orig_dtype)
-        for p, r in zip(params, req):
-            p.requires_grad_(r)
-        model.train(was_training)
     rows = []
     for t, (units, flipped), p in zip(tg.tolist(), res, post):
         rows.append({**FlipResult(t, data.target_kind(t), bool(data.noise_mask[t]), int(data.y_train[t]),

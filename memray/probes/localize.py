@@ -61,9 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import streams
-from ..data import Data
-from ..dropout import ExampleTiedDropout
-from ..sites import SiteModel
+from . import Subject
 
 TRACKS = ("decoy", "all")
 CONTROLS = ("mask_only", "class_mean", "random")  # leak controls: must sit at chance
@@ -100,11 +98,11 @@ class Targets:
 
 
 class Localizer:
-    """One frozen model, its reference batch R and fixed test sample, in one track."""
+    """One subject (its model frozen), its reference batch R and fixed test sample, in one track."""
 
-    def __init__(self, model: SiteModel, data: Data, reference_ids: torch.Tensor, test_ids: torch.Tensor,
-                 etd: ExampleTiedDropout | None = None, track: str = "decoy", dtype: torch.dtype = torch.float32,
-                 seed: int = 0):
+    def __init__(self, subject: Subject, reference_ids: torch.Tensor, test_ids: torch.Tensor, track: str = "decoy",
+                 dtype: torch.dtype = torch.float32, seed: int = 0):
+        model, data, etd = subject.model, subject.data, subject.etd
         if etd is None:
             track = "none"
         elif track not in TRACKS:
@@ -425,22 +423,16 @@ def auroc(scores: torch.Tensor, truth: torch.Tensor, cand: torch.Tensor) -> floa
     return float(gt + 0.5 * eq)
 
 
-def localization_rows(model: SiteModel, data: Data, targets: torch.Tensor, reference_ids: torch.Tensor,
-                      test_ids: torch.Tensor, methods: list[str], ks: list[int], *, budget: int,
-                      etd: ExampleTiedDropout | None = None, track: str = "decoy", seed: int = 0,
+def localization_rows(subject: Subject, targets: torch.Tensor, reference_ids: torch.Tensor, test_ids: torch.Tensor,
+                      methods: list[str], ks: list[int], *, budget: int, track: str = "decoy", seed: int = 0,
                       ig_steps: int = 64, dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
     """`localization` rows of one track: per target, method and k (|truth| and each fixed k up to
     the candidates): precision@k, lift (precision / chance), recall and AUROC against the truth
     (null without ETD), units to flip in rank order (`decoy` and plain models; null where the
     target does not predict its given label unedited), and after zeroing the top k: the fall of
     log p(given label), accuracy on R (in R's mode) and on a fixed test sample (mode all)."""
-    was_training, orig = model.training, next(model.parameters()).dtype
-    req = [p.requires_grad for p in model.parameters()]
-    model.eval().to(dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        loc = Localizer(model, data, reference_ids, test_ids, etd, track, dtype, seed)
+    with subject.frozen(dtype):
+        loc = Localizer(subject, reference_ids, test_ids, track, dtype, seed)
         tg = loc.targets(targets)
         n_cand = tg.cand.sum(1).tolist()
         n_truth = tg.truth.sum(1).tolist() if tg.truth is not None else [None] * len(tg)
@@ -469,7 +461,7 @@ def localization_rows(model: SiteModel, data: Data, targets: torch.Tensor, refer
                     hit = int(tg.truth[i][top].sum()) if tg.truth is not None else None
                     prec = hit / k if hit is not None else None
                     defined = flips_defined and given[i]
-                    rows.append({"example_id": t, "target_kind": data.target_kind(t), "mode": loc.mode,
+                    rows.append({"example_id": t, "target_kind": subject.data.target_kind(t), "mode": loc.mode,
                                  "track": loc.track, "method": method, "k": int(k), "n_candidates": int(n_cand[i]),
                                  "n_truth": nt, "chance": chance, "precision": prec,
                                  "lift": prec / chance if prec is not None and chance else None,
@@ -479,8 +471,3 @@ def localization_rows(model: SiteModel, data: Data, targets: torch.Tensor, refer
                                  "units_to_flip": flips[i] if defined else None, "logp_drop": fall,
                                  "post_ref_acc": ref_acc, "post_test_acc": test_acc, "seconds": seconds})
         return rows
-    finally:
-        model.to(orig)
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
-        model.train(was_training)

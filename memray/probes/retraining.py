@@ -19,28 +19,30 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .. import streams
-from ..data import Data, batches
-from ..dropout import ExampleTiedDropout
+from ..data import batches
 from ..sites import SiteModel
 from ..train import lr_factor
+from . import Subject
 from .rewinding import rewind_layer, subset_accuracies
 
 CONVERGED = 0.99  # of the trained model's train_clean
 
 
-def retrain_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor], data: Data,
+def retrain_layer(subject: Subject, group: int, snapshot: dict[str, torch.Tensor],
                   lr: float = 0.01, weight_decay: float = 5e-4, max_epochs: int = 20, patience: int = 3,
-                  batch_size: int = 128, seed: int = 0, etd: ExampleTiedDropout | None = None,
+                  batch_size: int = 128, seed: int = 0,
                   seen_ids: list[torch.Tensor] | None = None) -> tuple[SiteModel, dict[str, Any]]:
     """Returns (retrained copy of the model, {'epochs': n, 'clean_train_acc': last}).
     `seen_ids`, when given, collects every batch's example ids (for checking)."""
-    m = copy.deepcopy(model)
+    data, etd = subject.data, subject.etd
+    m = copy.deepcopy(subject.model)
     rewind_layer(m, group, snapshot)
     params = [p for _, p in m.group_parameters(group)]
     for p in m.parameters():
@@ -80,13 +82,13 @@ def retrain_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor
     return m, {"epochs": epoch, "clean_train_acc": acc}
 
 
-def retrain_item(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor], epoch: int, data: Data,
-                 etd: ExampleTiedDropout | None = None, **budget) -> list[dict[str, Any]]:
-    """Rows (one per subset) for retraining one group; `model` is the trained model."""
-    trained = subset_accuracies(model, data, etd)["train_clean"]
-    m, info = retrain_layer(model, group, snapshot, data, etd=etd, **budget)
-    acc = subset_accuracies(m, data, etd)
-    name = model.group_names()[group]
+def retrain_item(subject: Subject, group: int, snapshot: dict[str, torch.Tensor], epoch: int,
+                 **budget) -> list[dict[str, Any]]:
+    """Rows (one per subset) for retraining one group of the trained model."""
+    trained = subset_accuracies(subject)["train_clean"]
+    m, info = retrain_layer(subject, group, snapshot, **budget)
+    acc = subset_accuracies(replace(subject, model=m))
+    name = subject.model.group_names()[group]
     converged = acc["train_clean"] >= CONVERGED * trained
     return [{"layer_index": group, "layer_name": name, "rewind_epoch": epoch, "subset": s, "accuracy": a,
              "epochs_run": info["epochs"], "converged": converged} for s, a in acc.items()]

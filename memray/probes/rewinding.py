@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
-from ..data import Data
-from ..dropout import ExampleTiedDropout
 from ..sites import SiteModel
 from ..train import predict
+from . import Subject
 
 
 def rewind_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor]) -> None:
@@ -33,10 +32,10 @@ def rewind_layer(model: SiteModel, group: int, snapshot: dict[str, torch.Tensor]
             sd[k].copy_(snapshot[k].to(sd[k].device))
 
 
-def subset_accuracies(model: SiteModel, data: Data, etd: ExampleTiedDropout | None = None,
-                      train_ids: torch.Tensor | None = None) -> dict[str, float]:
+def subset_accuracies(subject: Subject, train_ids: torch.Tensor | None = None) -> dict[str, float]:
     """Accuracy on train_clean, train_noisy (given label), train_noisy_true and test, in the
     model's natural mode. `train_ids` restricts the training subsets to a fixed sample."""
+    model, data, etd = subject.model, subject.data, subject.etd
     ids = train_ids if train_ids is not None else torch.arange(data.n_train, device=data.device)
     own = (lambda i: etd.example_masks(ids[i])) if etd is not None else None
     logits = predict(model, data.x_train[ids], own)
@@ -52,12 +51,13 @@ def subset_accuracies(model: SiteModel, data: Data, etd: ExampleTiedDropout | No
     return out
 
 
-def rewind_item(model: SiteModel, final: dict[str, torch.Tensor], snapshot: dict[str, torch.Tensor],
-                group: int, epoch: int, data: Data, etd: ExampleTiedDropout | None = None) -> list[dict[str, Any]]:
+def rewind_item(subject: Subject, final: dict[str, torch.Tensor], snapshot: dict[str, torch.Tensor],
+                group: int, epoch: int) -> list[dict[str, Any]]:
     """Rows for one (group, snapshot epoch): rewinds, measures, then restores the final weights."""
+    model = subject.model
     rewind_layer(model, group, snapshot)
     try:
-        acc = subset_accuracies(model, data, etd)
+        acc = subset_accuracies(subject)
     finally:
         rewind_layer(model, group, final)
     name = model.group_names()[group]
@@ -65,11 +65,10 @@ def rewind_item(model: SiteModel, final: dict[str, torch.Tensor], snapshot: dict
             for s, a in acc.items()]
 
 
-def rewinding_rows(model: SiteModel, snapshots: dict[int, dict[str, torch.Tensor]], data: Data,
-                   etd: ExampleTiedDropout | None = None) -> list[dict[str, Any]]:
-    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def rewinding_rows(subject: Subject, snapshots: dict[int, dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    final = {k: v.detach().clone() for k, v in subject.model.state_dict().items()}
     rows = []
-    for g in range(len(model.layer_groups)):
+    for g in range(len(subject.model.layer_groups)):
         for e in sorted(snapshots):
-            rows += rewind_item(model, final, snapshots[e], g, e, data, etd)
+            rows += rewind_item(subject, final, snapshots[e], g, e)
     return rows
