@@ -108,12 +108,14 @@ def check_runtime(args) -> None:
 def check_memscores(args, configs: list[ExperimentConfig]) -> None:
     """The scores a grid names (--memscores) exist and are of every trial's data (dataset, noise
     rate and kind, data seed, training-set size)."""
+    # each (scores, data) pair once: the cells and seeds of a grid share them
+    pairs = {(c.analyses.memscores, c.data) for c in configs if c.analyses.memscores is not None}
+    if not pairs:  # the common case: no torch in the driver (3 s of its start-up)
+        return
     from memray.data import load_data
 
     from .plan import TRAIN_SIZE
 
-    # each (scores, data) pair once: the cells and seeds of a grid share them
-    pairs = {(c.analyses.memscores, c.data) for c in configs if c.analyses.memscores is not None}
     for name, data in sorted(pairs, key=repr):
         try:
             tables.check_name("sweep", name)

@@ -34,11 +34,16 @@ class Plan:
 TRAIN_SIZE = {"digits": 1400, "mnist1d": 4000, "mnist5k": 4000, "mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000,
               "cifar100": 50000, "svhn": 73257}
 ARCH_COST = {"mlp": 1.0, "lenet": 2.0, "resnet9": 6.0, "resnet50": 40.0, "vit_small": 20.0}
+# An ETD trial's analyses probe the model in two modes (own and drop) and localize twice: on the
+# default grid its trial took 1.5-1.8x its plain twin's time (resnet9 100 s vs 65, mlp 62-70 vs
+# 38-40 on 2 cores), and starting it later left one core idle at the sweep's end.
+ETD_COST = 1.6
 
 
 def estimated_cost(c: ExperimentConfig) -> float:
     n = c.data.train_limit or TRAIN_SIZE[c.data.dataset]
-    return c.optim.epochs * n * ARCH_COST[c.model.arch] * (c.model.resolved_width / DEFAULT_WIDTH[c.model.arch])
+    cost = c.optim.epochs * n * ARCH_COST[c.model.arch] * (c.model.resolved_width / DEFAULT_WIDTH[c.model.arch])
+    return cost * (ETD_COST if c.dropout.kind != "none" and c.analyses.run else 1.0)
 
 
 def longest_first(configs: list[ExperimentConfig]) -> list[ExperimentConfig]:

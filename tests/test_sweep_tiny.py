@@ -149,6 +149,16 @@ def test_default_preset_p_gen_per_arch_unless_given():
     assert {c.protocol for c in configs} == {3}
 
 
+def test_default_grid_starts_longest_trials_first():
+    """The grid's trials start in decreasing estimated cost: resnet9 before mlp, and within an arch
+    the ETD trials (two modes of analyses) before their plain twins."""
+    from sweeps.dropout_grid import build_configs, parser
+
+    order = [(c.model.arch, c.dropout.kind) for c in build_configs(parser().parse_args(["--preset", "default"]))]
+    assert order == [("resnet9", "example_tied")] * 3 + [("resnet9", "none")] * 3 + \
+        [("mlp", "example_tied")] * 3 + [("mlp", "none")] * 3
+
+
 def test_p_gen_per_arch_follows_the_rule_fixed_in_advance():
     """The presets' p_gen per arch: the first candidate leaving >= 8 generalization units at every
     site of the default width (checked against the built models)."""
@@ -171,6 +181,11 @@ def test_the_sweep_driver_loads_no_torch_or_plotting():
             "'memray.data', 'memray.train', 'memray.experiment', 'trainables.actors') if m in sys.modules))")
     p = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
     assert p.stdout.strip() == "[]"
+    # nor does checking a grid that names no memorization scores (torch was 3 s of the driver's start)
+    code = ("import sys; from sweeps.dropout_grid import build_configs, parser; from sweeps.cli import check_memscores; "
+            "a = parser().parse_args(['--preset', 'default']); check_memscores(a, build_configs(a)); "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
     p = run_cli("--preset", "paper", "--dry-run")
     assert p.returncode == 0 and re.match(r"\d+ trials for sweep 'dropout_grid-paper'; resources per trial: \[", p.stdout)
 
