@@ -100,6 +100,10 @@ t = time.time()
 while sum(n["Alive"] for n in ray.nodes()) < 2 and time.time() - t < 120:
     time.sleep(1)
 print(f"alive nodes: {sum(n['Alive'] for n in ray.nodes())}")
+for n in ray.nodes():
+    if n["Alive"]:
+        role = "head" if "node:__internal_head__" in n["Resources"] else "worker"
+        print(f"node: {role} {n['NodeManagerAddress']} {n['NodeID']}")
 while time.time() - t < 180:  # the head's MLflow server (started by head_setup_commands) answers
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
@@ -186,9 +190,15 @@ def test_ray_up_runs_a_grid_on_two_nodes_and_ray_down_leaves_nothing(tmp_path):
         assert steps[name]["rc"] == 0, (name, logs.get(name))
     assert re.search(r"^alive nodes: 2\s*$", logs["wait"], re.MULTILINE), logs["wait"]
     assert re.search(r"^mlflow: up\s*$", logs["wait"], re.MULTILINE), logs["wait"]
-    # the grid ran on both nodes: its trials table names two node ids
+    # the grid ran on both nodes: its trials' node ids are the head's and the worker's
+    found = re.findall(r"^node: (head|worker) (\S+) (\S+)\s*$", logs["wait"], re.MULTILINE)
+    nodes = {role: node_id for role, _, node_id in found}
+    assert sorted(nodes) == ["head", "worker"] and len(found) == 2, logs["wait"]
+    assert [ip for role, ip, _ in found if role == "worker"] == ["127.0.0.2"], logs["wait"]
     results = t / "results"
-    assert q(results, "trials", "select count(*), count(distinct node_id) from t where status = 'done'") == [(2, 2)]
+    trial_nodes = q(results, "trials", "select trial_key, node_id from t where status = 'done' order by trial_key")
+    assert len(trial_nodes) == 2 and {n for _, n in trial_nodes} == set(nodes.values()), (trial_nodes, nodes)
+    where = {k: next(role for role, i in nodes.items() if i == n) for k, n in trial_nodes}
     # MLflow (the head's server, stopped with the cluster) left its store beside the tables
     from mlflow.tracking import MlflowClient
 
@@ -198,4 +208,5 @@ def test_ray_up_runs_a_grid_on_two_nodes_and_ray_down_leaves_nothing(tmp_path):
     # nothing of the cluster is left: its processes ended with the namespace
     after = (t / "ps_after.txt").read_text()
     assert "raylet" not in after and "gcs_server" not in after, after
-    print(json.dumps({"wall_s": round(wall, 1), **{k: v["ms"] / 1000 for k, v in steps.items()}}))
+    print(json.dumps({"wall_s": round(wall, 1), **{k: v["ms"] / 1000 for k, v in steps.items()},
+                      "nodes": nodes, "trial_node": where}))
