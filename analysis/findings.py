@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import sys
 
+from memray.exiting import exiting
+
 from .cells import TABLES, Cell, load_cells, memorization_window, rewinding_classes
 from .judge import judge_sweep, sweep_verdicts
 from .render import COLUMNS, html_page, html_table, render, summary_lines
@@ -61,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting(main()))

@@ -22,6 +22,8 @@ import duckdb
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from memray.exiting import exiting
+
 from .store import open_for_cli
 
 FORMATS = ("table", "csv", "parquet", "json")
@@ -94,4 +96,4 @@ def write(args, result, table) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting(main()))

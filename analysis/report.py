@@ -23,6 +23,7 @@ import sys
 from collections import defaultdict
 
 from memray import plots, tables
+from memray.exiting import exiting
 from memray.tables import write_local
 
 from .findings import (
@@ -239,4 +240,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting(main()))

@@ -19,6 +19,7 @@ import sys
 from mlflow.tracking import MlflowClient
 
 from memray.config import ExperimentConfig
+from memray.exiting import exiting
 from memray.mlflow_view import TRIALS_FILTER, MlflowView, runs_link
 from memray.summary import flip_summary, layer_summary, localization_summary, memscore_summary
 from memray.tables import default_mlflow_uri, exists, read_bytes
@@ -126,4 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting(main()))

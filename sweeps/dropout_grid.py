@@ -15,6 +15,7 @@ import sys
 
 from memray import tables
 from memray.config import ANALYSES, NOISE_KINDS, ConfigError, ExperimentConfig
+from memray.exiting import exiting
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
 from .cli import (
@@ -189,4 +190,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting(main()))

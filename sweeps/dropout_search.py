@@ -23,6 +23,7 @@ import os
 import sys
 
 from memray.config import ANALYSES, ARCHS, DATASETS, NOISE_KINDS, ConfigError, ExperimentConfig
+from memray.exiting import exiting
 from memray.objectives import ALIASES, MULTI, OBJECTIVES
 from memray.sources import DatasetMissing, default_data_dir, prepare
 
@@ -190,4 +191,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting(main()))

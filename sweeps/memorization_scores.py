@@ -24,6 +24,7 @@ import uuid
 
 from memray import tables
 from memray.config import DATASETS, NOISE_KINDS, ConfigError, DataConfig, ScoreConfig
+from memray.exiting import exiting
 from memray.sources import DatasetMissing, default_data_dir, prepare
 from memray.summary import memscore_summary
 
@@ -226,4 +227,4 @@ def log_mlflow(args, cfg: ScoreConfig, k: int, s: dict[str, float], figures: dic
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting(main()))
