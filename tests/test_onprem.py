@@ -198,7 +198,8 @@ def test_ray_up_runs_a_grid_on_two_nodes_and_ray_down_leaves_nothing(tmp_path):
     results = t / "results"
     trial_nodes = q(results, "trials", "select trial_key, node_id from t where status = 'done' order by trial_key")
     assert len(trial_nodes) == 2 and {n for _, n in trial_nodes} == set(nodes.values()), (trial_nodes, nodes)
-    where = {k: next(role for role, i in nodes.items() if i == n) for k, n in trial_nodes}
+    role_of = {node_id: role for role, node_id in nodes.items()}
+    where = {k: role_of[n] for k, n in trial_nodes}
     # MLflow (the head's server, stopped with the cluster) left its store beside the tables
     from mlflow.tracking import MlflowClient
 
