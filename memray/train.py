@@ -211,12 +211,12 @@ class Trainer:
             x, y = data.x_train[idx], data.y_train[idx]
             if cfg.data.augment:
                 x = augment(x, self.gen_augment)
-            logits = model(x, self.masks_for_training(idx))
-            losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
             self.opt.zero_grad(set_to_none=True)
-            if self.accounting is not None:
-                self.accounting.backward(losses, idx)
+            if self.accounting is not None:  # sets .grad to the mean loss's gradient
+                losses, logits = self.accounting.step(x, y, self.masks_for_training(idx), idx)
             else:
+                logits = model(x, self.masks_for_training(idx))
+                losses = F.cross_entropy(logits, y, reduction="none")  # (B,)
                 losses.mean().backward()
             self.opt.step()
             self.sched.step()

@@ -8,6 +8,7 @@ from memray.models import build_model
 from memray.probes import Subject
 from memray.probes.gradients import GradientAccounting
 from memray.probes.retraining import retrain_layer
+from memray.sites import BinaryMasks
 from memray.probes.rewinding import rewind_item, rewind_layer, rewinding_rows
 from memray.train import Trainer
 
@@ -23,17 +24,29 @@ def trained(digits):
     return tr
 
 
-def test_gradient_accounting_equals_epoch_aggregates_by_autograd():
+@pytest.mark.parametrize("arch,split", [("resnet9", False), ("lenet", True), ("mlp", True)])
+def test_gradient_accounting_equals_epoch_aggregates_by_autograd(arch, split):
     """Two epochs of a tiny float64 model: every row equals the norms and cosines of the epoch's
     aggregated gradients computed directly (a forward and backward per subset and batch), and
-    training steps with the mean-loss gradient."""
+    training steps with the mean-loss gradient; the step's losses and logits are the batch's.
+    Batch norm (resnet9) couples a batch's examples: one forward, a backward per part; the others
+    split the batch into its parts, each with its own forward and backward."""
     torch.manual_seed(0)
-    m = build_model("resnet9", 4, (1, 8, 8), 10).double()
+    m = build_model(arch, 4, (1, 8, 8), 10).double()
+    m.train()
     n = 40
     x, y = torch.randn(n, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (n,))
     noise = torch.zeros(n, dtype=torch.bool)
     noise[[1, 5, 7, 20, 33]] = True
     acc = GradientAccounting(m, noise, seed=3)
+    assert acc.split is split
+    # per-example 0/1 masks at every site (as example-tied dropout trains): a split batch's parts
+    # take their examples' rows
+    masks = BinaryMasks([(torch.rand(n, c) < 0.7).double() for c in m.site_units])
+
+    def mk(idx):
+        return BinaryMasks([mm[idx] for mm in masks])
+
     ctrl = acc.control
     assert int(ctrl.sum()) == 5 and not (ctrl & noise).any()
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
@@ -44,14 +57,16 @@ def test_gradient_accounting_equals_epoch_aggregates_by_autograd():
         for idx in torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).split(16):
             B = len(idx)
             for kind, sel in (("clean", ~noise[idx]), ("noisy", noise[idx]), ("control", ctrl[idx])):
-                g = torch.autograd.grad(F.cross_entropy(m(x[idx]), y[idx], reduction="none")[sel].sum(), params,
+                g = torch.autograd.grad(F.cross_entropy(m(x[idx], mk(idx)), y[idx], reduction="none")[sel].sum(), params,
                                         allow_unused=True, materialize_grads=True)
                 for a, b in zip(agg[kind], g):
                     a += b / B
-            mean = torch.autograd.grad(F.cross_entropy(m(x[idx]), y[idx]), params)
-            losses = F.cross_entropy(m(x[idx]), y[idx], reduction="none")
+            mean = torch.autograd.grad(F.cross_entropy(m(x[idx], mk(idx)), y[idx]), params)
+            logits = m(x[idx], mk(idx))
             opt.zero_grad()
-            acc.backward(losses, idx)
+            losses, got = acc.step(x[idx], y[idx], mk(idx), idx)
+            assert torch.allclose(got, logits, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(losses, F.cross_entropy(logits, y[idx], reduction="none"), rtol=1e-12, atol=1e-12)
             for p, g in zip(params, mean):
                 assert torch.allclose(p.grad, g, rtol=1e-10, atol=1e-12)
             opt.step()

@@ -3,10 +3,15 @@
 As the authors (`train.py`: gradients accumulated over the epoch, then `grads_to_norms`): over an
 epoch's batches, accumulate per parameter the gradient of the *summed* loss of the batch's clean
 examples divided by the batch size, likewise for its noisy examples, and for a **control** subset
-(a seeded random clean subset as large as the noisy set, fixed by the data seed). From the one
-training forward pass (dropout and ETD masks included), three backward passes over one graph:
-noisy, control, and the other clean examples; clean = control + the rest. The training gradient
-is (clean + noisy) / B, exactly the gradient of the mean loss, so training is unchanged.
+(a seeded random clean subset as large as the noisy set, fixed by the data seed). Each batch is split
+into its noisy examples, its control examples and the other clean ones; clean = control + the
+rest. The training gradient is (clean + noisy) / B, exactly the gradient of the mean loss, so
+training is unchanged. Where no layer couples the examples of a batch (no batch norm in training:
+the mlp, LeNet, the ViT), each part has its own forward and backward (`step`): the same
+arithmetic per example as one pass over the batch, and one backward's work in all. Where batch
+norm couples them (the ResNets), the one forward pass over the batch (dropout and ETD masks
+included) has three backward passes over its graph, one per part: about twice the work of a
+training step (measured on LeNet 40, batch 128: 0.23 s a step against 0.11 s split).
 
 At the end of the epoch, per layer group: each aggregate's norm (per parameter tensor
 ||g|| / sqrt(numel), summed over the group's tensors); the cosine between the clean and noisy
@@ -23,6 +28,11 @@ import torch
 
 from .. import streams
 from ..sites import SiteModel
+
+
+def couples_examples(model: torch.nn.Module) -> bool:
+    """Whether a training forward pass mixes the examples of a batch (batch norm in train mode)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def control_mask(noise_mask: torch.Tensor, seed: int) -> torch.Tensor:
@@ -47,10 +57,40 @@ class GradientAccounting:
         self.groups = [model.group_of(n) for n, _ in named]
         self.noise_mask = noise_mask
         self.control = control_mask(noise_mask, seed)
+        self.split = not couples_examples(model)
         self.start_epoch()
 
     def start_epoch(self) -> None:
         self.acc = {k: [torch.zeros_like(p) for p in self.params] for k in self.KINDS}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, masks, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step's forward and backward over the batch `idx` (inputs x, labels y, the
+        model's per-example masks): sets .grad to the mean-loss gradient, adds the parts to the
+        epoch aggregates, and returns the (B,) losses and (B, classes) logits in batch order."""
+        if not self.split:
+            logits = self.model(x, masks)
+            losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            self.backward(losses, idx)
+            return losses, logits
+        B = x.shape[0]
+        noisy, ctrl = self.noise_mask[idx], self.control[idx]
+        kw = {"allow_unused": True, "materialize_grads": True}
+        parts, losses, logits = [], None, None
+        for sel in (noisy, ctrl, ~(noisy | ctrl)):
+            j = torch.nonzero(sel).flatten()
+            if not j.numel():
+                parts.append([torch.zeros_like(p) for p in self.params])
+                continue
+            sub = None if masks is None else type(masks)(m if m is None or m.dim() < 2 else m[j] for m in masks)
+            out = self.model(x[j], sub)
+            loss = torch.nn.functional.cross_entropy(out, y[j], reduction="none")
+            parts.append(list(torch.autograd.grad(loss.sum(), self.params, **kw)))
+            if logits is None:
+                logits = out.new_empty((B, out.shape[1]))
+                losses = loss.new_empty(B)
+            logits[j], losses[j] = out.detach(), loss.detach()
+        self._add(*parts, B)
+        return losses, logits
 
     def backward(self, losses: torch.Tensor, idx: torch.Tensor) -> None:
         """Set .grad of every trainable parameter to the mean-loss gradient of the batch `idx`
@@ -62,6 +102,9 @@ class GradientAccounting:
         g_n = torch.autograd.grad(losses[noisy].sum(), self.params, retain_graph=True, **kw)
         g_k = torch.autograd.grad(losses[ctrl].sum(), self.params, retain_graph=True, **kw)
         g_r = torch.autograd.grad(losses[rest].sum(), self.params, **kw)
+        self._add(g_n, g_k, g_r, B)
+
+    def _add(self, g_n, g_k, g_r, B: int) -> None:
         for i, (p, n, k, r) in enumerate(zip(self.params, g_n, g_k, g_r)):
             clean = r.add_(k)  # g_r is ours: reuse its buffer
             self.acc["clean"][i].add_(clean, alpha=1 / B)
