@@ -24,10 +24,12 @@ def test_same_config_same_metrics(digits):
     assert all(torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) for k in a.model.state_dict())
 
 
-@pytest.mark.parametrize("kind", ["none", "standard", "example_tied"])
-def test_resume_mid_run_matches_uninterrupted(digits, tmp_path, kind):
+@pytest.mark.parametrize("kind,arch", [("none", "resnet9"), ("standard", "resnet9"), ("example_tied", "resnet9"),
+                                       ("example_tied", "mlp")])
+def test_resume_mid_run_matches_uninterrupted(digits, tmp_path, kind, arch):
+    """resnet9's batch norm keeps gradient accounting on one forward per batch; the mlp splits it."""
     cfg = small_cfg(**{"optim.epochs": 4, "dropout.kind": kind, "analyses.run": ["gradients"],
-                       "model.arch": "resnet9", "model.width": 8})
+                       "model.arch": arch, "model.width": 8})
     full = Trainer(cfg, digits, "cpu")
     full.fit()
     first = Trainer(cfg, digits, "cpu")
@@ -43,6 +45,23 @@ def test_resume_mid_run_matches_uninterrupted(digits, tmp_path, kind):
     assert all(torch.equal(resumed.model.state_dict()[k], full.model.state_dict()[k]) for k in full.model.state_dict())
     # the free proxy: a resumed trial's per-example statistics are the uninterrupted one's
     assert resumed.example_stats() == full.example_stats()
+
+
+@pytest.mark.parametrize("kind", ["standard", "example_tied"])
+def test_gradient_accounting_leaves_training_unchanged(digits, kind):
+    """Where accounting splits each batch into its noisy, control and other examples (no layer
+    couples a batch's examples), the weights after two epochs are those of plain training with the
+    same batches and masks (to float rounding: the parts' passes add in another order)."""
+    cfg = small_cfg(**{"optim.epochs": 2, "dropout.kind": kind, "model.arch": "lenet", "model.width": 8})
+    plain = Trainer(cfg, digits, "cpu")
+    acc = Trainer(cfg.replace(**{"analyses.run": ["gradients"]}), digits, "cpu")
+    assert plain.accounting is None and acc.accounting is not None and acc.accounting.split
+    plain.fit(), acc.fit()
+    assert len(acc.grad_rows) == 2 * len(acc.model.layer_groups)
+    for k, v in plain.model.state_dict().items():
+        assert torch.allclose(acc.model.state_dict()[k], v, rtol=1e-4, atol=1e-5), k
+    a, b = plain.cum_loss, acc.cum_loss
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_example_stats_are_the_training_pass_losses_and_learning_epochs(digits, monkeypatch):
