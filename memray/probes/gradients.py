@@ -7,8 +7,8 @@ examples divided by the batch size, likewise for its noisy examples, and for a *
 into its noisy examples, its control examples and the other clean ones; clean = control + the
 rest. The training gradient is (clean + noisy) / B, exactly the gradient of the mean loss, so
 training is unchanged. Where no layer couples the examples of a batch (no batch norm in training:
-the mlp, LeNet, the ViT), each part has its own forward and backward (`step`): the same
-arithmetic per example as one pass over the batch, and one backward's work in all. Where batch
+the mlp, LeNet, the ViT), each part has its own forward and backward (`step`): per example the
+same computation as one pass over the batch (to float rounding), and one backward's work in all. Where batch
 norm couples them (the ResNets), the one forward pass over the batch (dropout and ETD masks
 included) has three backward passes over its graph, one per part: about twice the work of a
 training step (measured on LeNet 40, batch 128: 0.23 s a step against 0.11 s split).
