@@ -8,8 +8,8 @@ from memray.models import build_model
 from memray.probes import Subject
 from memray.probes.gradients import GradientAccounting
 from memray.probes.retraining import retrain_layer
-from memray.sites import BinaryMasks
 from memray.probes.rewinding import rewind_item, rewind_layer, rewinding_rows
+from memray.sites import BinaryMasks
 from memray.train import Trainer
 
 from .conftest import small_cfg

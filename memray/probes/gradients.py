@@ -3,15 +3,15 @@
 As the authors (`train.py`: gradients accumulated over the epoch, then `grads_to_norms`): over an
 epoch's batches, accumulate per parameter the gradient of the *summed* loss of the batch's clean
 examples divided by the batch size, likewise for its noisy examples, and for a **control** subset
-(a seeded random clean subset as large as the noisy set, fixed by the data seed). Each batch is split
-into its noisy examples, its control examples and the other clean ones; clean = control + the
-rest. The training gradient is (clean + noisy) / B, exactly the gradient of the mean loss, so
+(a seeded random clean subset as large as the noisy set, fixed by the data seed). Each batch is
+split into its noisy examples, its control examples and the other clean ones; clean = control +
+the rest. The training gradient is (clean + noisy) / B, exactly the gradient of the mean loss, so
 training is unchanged. Where no layer couples the examples of a batch (no batch norm in training:
 the mlp, LeNet, the ViT), each part has its own forward and backward (`step`): per example the
-same computation as one pass over the batch (to float rounding), and one backward's work in all. Where batch
-norm couples them (the ResNets), the one forward pass over the batch (dropout and ETD masks
-included) has three backward passes over its graph, one per part: about twice the work of a
-training step (measured on LeNet 40, batch 128: 0.23 s a step against 0.11 s split).
+same computation as one pass over the batch (to float rounding), and one backward's work in all.
+Where batch norm couples them (the ResNets), the one forward pass over the batch (dropout and ETD
+masks included) has three backward passes over its graph, one per part: about twice the work of
+a training step (measured on LeNet 40, batch 128: 0.23 s a step against 0.11 s split).
 
 At the end of the epoch, per layer group: each aggregate's norm (per parameter tensor
 ||g|| / sqrt(numel), summed over the group's tensors); the cosine between the clean and noisy

@@ -194,8 +194,9 @@ class Localizer:
                 (g,) = torch.autograd.grad(J.sum(), e)
             Js.append(J.detach())
             gs.append(g)
-        if not Js:
-            return torch.empty(0, dtype=self.dtype, device=self.device), E.detach().to(self.dtype).clone()
+        if not Js:  # no targets
+            return (torch.empty(0, dtype=self.dtype, device=self.device),
+                    torch.empty(0, self.total, dtype=self.dtype, device=self.device))
         return torch.cat(Js), torch.cat(gs)
 
     def j_grad_path(self, tg: Targets, t: float) -> tuple[torch.Tensor, torch.Tensor]:
