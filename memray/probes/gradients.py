@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .. import streams
 from ..sites import SiteModel
@@ -44,6 +45,9 @@ def control_mask(noise_mask: torch.Tensor, seed: int) -> torch.Tensor:
     out = torch.zeros(noise_mask.shape[0], dtype=torch.bool)
     out[pick] = True
     return out.to(noise_mask.device)
+
+
+GRAD_KW = {"allow_unused": True, "materialize_grads": True}  # every parameter gets a gradient
 
 
 class GradientAccounting:
@@ -69,22 +73,20 @@ class GradientAccounting:
         epoch aggregates, and returns the (B,) losses and (B, classes) logits in batch order."""
         if not self.split:
             logits = self.model(x, masks)
-            losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            losses = F.cross_entropy(logits, y, reduction="none")
             self.backward(losses, idx)
             return losses, logits
         B = x.shape[0]
-        noisy, ctrl = self.noise_mask[idx], self.control[idx]
-        kw = {"allow_unused": True, "materialize_grads": True}
         parts, losses, logits = [], None, None
-        for sel in (noisy, ctrl, ~(noisy | ctrl)):
+        for sel in self._parts(idx):
             j = torch.nonzero(sel).flatten()
             if not j.numel():
                 parts.append([torch.zeros_like(p) for p in self.params])
                 continue
             sub = None if masks is None else type(masks)(m if m is None or m.dim() < 2 else m[j] for m in masks)
             out = self.model(x[j], sub)
-            loss = torch.nn.functional.cross_entropy(out, y[j], reduction="none")
-            parts.append(list(torch.autograd.grad(loss.sum(), self.params, **kw)))
+            loss = F.cross_entropy(out, y[j], reduction="none")
+            parts.append(list(torch.autograd.grad(loss.sum(), self.params, **GRAD_KW)))
             if logits is None:
                 logits = out.new_empty((B, out.shape[1]))
                 losses = loss.new_empty(B)
@@ -95,14 +97,16 @@ class GradientAccounting:
     def backward(self, losses: torch.Tensor, idx: torch.Tensor) -> None:
         """Set .grad of every trainable parameter to the mean-loss gradient of the batch `idx`
         (example ids; `losses` its per-example losses) and add its parts to the epoch aggregates."""
-        B = losses.shape[0]
+        noisy, ctrl, rest = self._parts(idx)
+        g_n = torch.autograd.grad(losses[noisy].sum(), self.params, retain_graph=True, **GRAD_KW)
+        g_k = torch.autograd.grad(losses[ctrl].sum(), self.params, retain_graph=True, **GRAD_KW)
+        g_r = torch.autograd.grad(losses[rest].sum(), self.params, **GRAD_KW)
+        self._add(g_n, g_k, g_r, losses.shape[0])
+
+    def _parts(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy, control, rest) bool masks over the batch `idx`: the three disjoint parts."""
         noisy, ctrl = self.noise_mask[idx], self.control[idx]
-        rest = ~(noisy | ctrl)
-        kw = {"allow_unused": True, "materialize_grads": True}
-        g_n = torch.autograd.grad(losses[noisy].sum(), self.params, retain_graph=True, **kw)
-        g_k = torch.autograd.grad(losses[ctrl].sum(), self.params, retain_graph=True, **kw)
-        g_r = torch.autograd.grad(losses[rest].sum(), self.params, **kw)
-        self._add(g_n, g_k, g_r, B)
+        return noisy, ctrl, ~(noisy | ctrl)
 
     def _add(self, g_n, g_k, g_r, B: int) -> None:
         for i, (p, n, k, r) in enumerate(zip(self.params, g_n, g_k, g_r)):
