@@ -7,6 +7,7 @@ route to a tracking server). MLflow failures never fail a trial: they warn, and
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,13 @@ class TrialsTable(tune.Callback):
         self._write(trial, "failed", error_line(trial))
 
 
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 -- only a head start: the real call reports its own errors
+        pass
+
+
 def error_line(trial) -> str:
     """The trial's error, its last line (e.g. 'RuntimeError: diverged at epoch 1: ...'). Tune writes
     the error file to the trial's local folder first; the results store gets it later."""
@@ -91,17 +99,21 @@ class MlflowLogger(tune.Callback):
     thread), batched per trial: a trial's metrics are sent at most `flush_s` after they arrive (a
     store write costs about the same for one epoch's metrics as for ten), checked at every step
     of Tune's loop, and before its run is closed. Runs are created and closed synchronously (a
-    few ms each). At the end every asynchronous write is waited for. After the first failure it
-    stops logging (one warning) and the sweep goes on."""
+    few ms each, with MLflow's buffered asynchronous logging: see `sweeps.launch.tune_environment`).
+    At the end every asynchronous write is waited for. After the first failure it stops logging
+    (one warning) and the sweep goes on."""
 
     live: ClassVar[list["MlflowLogger"]] = []  # every logger in this process (a restored Tuner
     # unpickles its own copy: `drain_all` reaches it too)
 
     def __init__(self, uri: str, sweep: str, results: str, flush_s: float = 5.0,
-                 source_tags: dict[str, str] | None = None, verdicts: Callable[[], dict[str, str]] | None = None):
+                 source_tags: dict[str, str] | None = None, verdicts: Callable[[], dict[str, str]] | None = None,
+                 warm: Callable[[], None] | None = None):
         self.uri, self.sweep, self.results, self.flush_s = uri, sweep, results, flush_s
         self.source_tags = dict(source_tags or {})  # the parent's source tags and sweep command
         self.verdicts = verdicts  # files {name: text} for the parent when the sweep ends
+        self.warm = warm  # run on a thread when the first trial ends: the imports `verdicts` needs
+        self.warmed = False
         MlflowLogger.live.append(self)
         self.view = None
         self.failed = False
@@ -113,11 +125,12 @@ class MlflowLogger(tune.Callback):
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment: leave the store out
         return {"uri": self.uri, "sweep": self.sweep, "results": self.results, "flush_s": self.flush_s,
-                "source_tags": self.source_tags, "verdicts": self.verdicts}  # a module function's partial
+                "source_tags": self.source_tags, "verdicts": self.verdicts,  # a module function's partial
+                "warm": self.warm}
 
     def __setstate__(self, state):
         self.__init__(state["uri"], state["sweep"], state["results"], state.get("flush_s", 5.0),
-                      state.get("source_tags"), state.get("verdicts"))
+                      state.get("source_tags"), state.get("verdicts"), state.get("warm"))
 
     def _fail(self, e: BaseException) -> None:
         if not self.failed:
@@ -202,6 +215,9 @@ class MlflowLogger(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._guard(self._finish, config_of(trial), "FINISHED", (trial.last_result or {}).get("data_digest"))
+        if self.warm is not None and not self.warmed:  # off Tune's loop, while other trials run
+            self.warmed = True
+            threading.Thread(target=_quietly, args=(self.warm,), name="mlflow-warm", daemon=True).start()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._guard(self._finish, config_of(trial), "FAILED", None)
