@@ -9,7 +9,6 @@ verdict, every placebo twin beside its label cell.
 from __future__ import annotations
 
 import html
-import io
 from collections import defaultdict
 
 import matplotlib
@@ -18,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from memray import plots
 from memray.config import ARCHS  # noqa: E402
 
 from .rules import FINDINGS, Verdict  # noqa: E402
@@ -170,7 +170,4 @@ def matrix_png(verdicts: list[Verdict], title: str = "") -> bytes:
               bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title or "Verdicts: findings x cells (placebo twins beside their label cells)", fontsize=10, pad=28)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return plots.png(fig)

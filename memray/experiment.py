@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from . import plots, streams
+from . import streams
 from .config import ExperimentConfig
 from .data import Data, load_data
 from .dropout import ExampleTiedDropout
@@ -351,6 +351,9 @@ class Trial:
         rows = [r for r in self.tables.get("etd_examples", []) if not r["is_noisy"] and r["own_correct"]]
         if not rows:
             return None
+        # matplotlib is imported only where a trial writes its figures (not in analysis workers)
+        from . import plots
+
         g = streams.torch_generator("forgotten.sample", self.cfg.seed)
         groups = {}
         for label, want in (("forgotten by drop", False), ("kept by drop", True)):
@@ -377,6 +380,8 @@ class Trial:
         if self.store is not None:
             c = self.cfg
             title = f"{c.data.dataset} / {c.model.arch} / {c.dropout.kind} (trial {self.key})"
+            from . import plots
+
             figures = plots.trial_figures(self.tables, title)
             forgotten = self.forgotten_figure(title)
             if forgotten is not None:

@@ -83,3 +83,33 @@ def test_pareto_front_keeps_the_non_dominated_points():
     assert plots.pareto_front(points) == [0, 1, 2, 4]  # (0.2, 0.85) is dominated; ties both kept
     fig = plots.pareto_figure(points, list("abcde"))
     assert fig.axes[0].get_xlabel().startswith("drop train_noisy")
+
+
+def test_png_draws_once_and_gives_savefigs_pixels():
+    import io
+
+    import matplotlib.figure
+    from matplotlib.image import imread
+
+    rows = _rows()
+    draws = []
+    real = matplotlib.figure.Figure.draw
+
+    def counting(self, renderer):
+        draws.append(self)
+        return real(self, renderer)
+
+    for name, fn in plots.FIGURES.items():
+        a, b = fn(rows[name], "t"), fn(rows[name], "t")  # both after tight_layout
+        buf = io.BytesIO()
+        a.savefig(buf, format="png", dpi=110)
+        matplotlib.figure.Figure.draw = counting
+        try:
+            got = plots.png(b)
+        finally:
+            matplotlib.figure.Figure.draw = real
+        want = imread(io.BytesIO(buf.getvalue()))
+        have = imread(io.BytesIO(got))
+        assert have.shape == want.shape and (have == want).all(), name
+        assert len(draws) == 1, (name, len(draws))
+        draws.clear()
