@@ -9,9 +9,10 @@ overhead at all would run them. Headline `tune_over_floor` for the default grid 
 2 cores). With BENCH_SEQUENTIAL=1 it also runs (3) every trial one after another in this process
 (torch using every core), `tune_over_sequential`.
 
-The Tune side also reports where its time goes beyond the floor: per trial, the phases the
-trainable timed (`phase_s` in its results: setup, training, checkpoints, analyses, tables and
-figures), summed over the grid.
+Where the time goes, side by side: the phases every trial timed (setup, training, reports,
+checkpoints, analyses, tables and figures), summed over the grid, for the Tune side and for the
+floor. With BENCH_REPEAT=N each grid runs N Tune-then-floor pairs
+and the headline is the median of their ratios (the machine's speed drifts between minutes).
 
     python benchmarks/sweep_overhead.py                 # smoke and default (about 10 minutes on 2 cores)
     BENCH_GRIDS=smoke python benchmarks/sweep_overhead.py
@@ -22,6 +23,7 @@ import glob
 import json
 import multiprocessing
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,7 @@ from sweeps.plan import longest_first
 from sweeps.dropout_grid import build_configs, parser
 
 GRIDS = [g for g in os.environ.get("BENCH_GRIDS", "smoke,default").split(",") if g]
+REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))  # Tune-then-floor pairs per grid; the headline is their median
 
 
 def sequential(preset: str) -> dict:
@@ -53,10 +56,11 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run(c) -> float:
+def _run(c) -> tuple[float, dict[str, float]]:
+    """A trial's wall seconds and its phases (the same `time/*` the trainable reports)."""
     t = time.perf_counter()
-    run_trial(c, device="cpu")
-    return round(time.perf_counter() - t, 2)
+    final = run_trial(c, device="cpu")["final"]
+    return round(time.perf_counter() - t, 2), {k[5:]: v for k, v in final.items() if k.startswith("time/")}
 
 
 def _warm(_: int) -> int:
@@ -69,9 +73,15 @@ def parallel_floor(preset: str) -> dict:
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as ex:
         list(ex.map(_warm, range(4 * n)))  # workers up, torch imported
         t0 = time.perf_counter()
-        per = list(ex.map(_run, configs, chunksize=1))
+        runs = list(ex.map(_run, configs, chunksize=1))
         wall = time.perf_counter() - t0
-    return {"workers": n, "wall_s": round(wall, 2), "per_trial_s": per, "trial_s_sum": round(sum(per), 2)}
+    per = [w for w, _ in runs]
+    phases: dict[str, float] = {}
+    for _, ph in runs:
+        for k, v in ph.items():
+            phases[k] = round(phases.get(k, 0.0) + v, 2)
+    return {"workers": n, "wall_s": round(wall, 2), "per_trial_s": per, "trial_s_sum": round(sum(per), 2),
+            "phase_s_sum": phases}
 
 
 def _phases(storage: str) -> dict:
@@ -104,10 +114,16 @@ def main() -> None:
     out = {"torch": torch.__version__, "device": describe_device(torch.device("cpu")), "cpus": os.cpu_count(),
            "grids": {}}
     for g in GRIDS:
-        tune = through_tune(g)
-        floor = parallel_floor(g)
-        out["grids"][g] = {"tune": tune, "parallel_floor": floor,
-                           "tune_over_floor": round(tune["wall_s"] / floor["wall_s"], 3)}
+        pairs = []
+        for _ in range(REPEAT):  # each pair side by side: this machine's speed drifts over minutes
+            tune = through_tune(g)
+            floor = parallel_floor(g)
+            pairs.append({"tune": tune, "parallel_floor": floor,
+                          "tune_over_floor": round(tune["wall_s"] / floor["wall_s"], 3)})
+            print(json.dumps({g: pairs[-1]}), flush=True)
+        out["grids"][g] = {**pairs[0], "tune_over_floor": round(statistics.median(p["tune_over_floor"] for p in pairs), 3)}
+        if REPEAT > 1:
+            out["grids"][g]["pairs"] = [p["tune_over_floor"] for p in pairs]
         if os.environ.get("BENCH_SEQUENTIAL") == "1":
             seq = sequential(g)
             out["grids"][g].update({"sequential": seq, "tune_over_sequential": round(tune["wall_s"] / seq["wall_s"], 3),
