@@ -55,8 +55,8 @@ def test_cluster_yaml_passes_rays_validator_and_names_real_things():
     for m in modules:
         assert importlib.util.find_spec(m) is not None, m
     assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0" not in text
-    assert re.search(r"mlflow server --host 127\.0\.0\.1 --port 5000 --allowed-hosts localhost:5000,127\.0\.0\.1:5000",
-                     " ".join(commands))
+    assert re.search(r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup mlflow server --host 127\.0\.0\.1 --port 5000 "
+                     r"--allowed-hosts localhost:5000,127\.0\.0\.1:5000", " ".join(commands))
     assert sum("MEMLOC_RESULTS=s3://" in c for c in commands) == 1  # the bucket, named once
 
 

@@ -67,6 +67,8 @@ def test_shared_commands_are_identical_and_both_files_pass_rays_schema():
     # the MLflow server: the same loopback binding and allowed hosts
     ml = [c for c in onprem["head_setup_commands"] if "mlflow server" in c]
     assert ml and "--host 127.0.0.1 --port 5000 --allowed-hosts localhost:5000,127.0.0.1:5000" in ml[0]
+    # without MLflow's job runner, which held the sweep's first requests past their 20 s timeout
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup mlflow server" in ml[0]
     # the project is installed from the lock, and only where the node's venv is not the lock
     install = [c for c in onprem["setup_commands"] if "make install" in c]
     assert install and "scripts/check_env.py requirements.lock" in install[0] and "||" in install[0]
