@@ -56,11 +56,21 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _run(c) -> tuple[float, dict[str, float]]:
-    """A trial's wall seconds and its phases (the same `time/*` the trainable reports)."""
+def _phase_sums(finals) -> dict[str, float]:
+    """Per phase, the seconds summed over trials' final results (their `time/*`, memray.experiment)."""
+    sums: dict[str, float] = {}
+    for final in finals:
+        for k, v in final.items():
+            if k.startswith("time/"):
+                sums[k[5:]] = round(sums.get(k[5:], 0.0) + v, 2)
+    return sums
+
+
+def _run(c) -> tuple[float, dict]:
+    """A trial's wall seconds and its final result."""
     t = time.perf_counter()
     final = run_trial(c, device="cpu")["final"]
-    return round(time.perf_counter() - t, 2), {k[5:]: v for k, v in final.items() if k.startswith("time/")}
+    return round(time.perf_counter() - t, 2), final
 
 
 def _warm(_: int) -> int:
@@ -76,26 +86,19 @@ def parallel_floor(preset: str) -> dict:
         runs = list(ex.map(_run, configs, chunksize=1))
         wall = time.perf_counter() - t0
     per = [w for w, _ in runs]
-    phases: dict[str, float] = {}
-    for _, ph in runs:
-        for k, v in ph.items():
-            phases[k] = round(phases.get(k, 0.0) + v, 2)
     return {"workers": n, "wall_s": round(wall, 2), "per_trial_s": per, "trial_s_sum": round(sum(per), 2),
-            "phase_s_sum": phases}
+            "phase_s_sum": _phase_sums(final for _, final in runs)}
 
 
 def _phases(storage: str) -> dict:
     """Per phase, the seconds every trial's trainable spent in it (its last result's time/*), and
     when the first trial reported relative to the last (Tune's 1 s timestamps)."""
-    sums: dict[str, float] = {}
-    stamps = []
+    lasts, stamps = [], []
     for f in glob.glob(f"{storage}/*/result.json"):
         results = [json.loads(line) for line in open(f).read().splitlines() if line.strip()]
         stamps += [r["timestamp"] for r in results]
-        for k, v in results[-1].items():
-            if k.startswith("time/"):
-                sums[k[5:]] = round(sums.get(k[5:], 0.0) + v, 2)
-    return {"trainable_phase_s_sum": sums, "first_to_last_report_s": max(stamps) - min(stamps) if stamps else None}
+        lasts.append(results[-1])
+    return {"trainable_phase_s_sum": _phase_sums(lasts), "first_to_last_report_s": max(stamps) - min(stamps) if stamps else None}
 
 
 def through_tune(preset: str) -> dict:

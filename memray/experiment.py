@@ -345,15 +345,13 @@ class Trial:
         out["example_stats"] = tr.example_stats()
         return out
 
-    def forgotten_figure(self, title: str, n: int = 8) -> bytes | None:
+    def forgotten_examples(self, n: int = 8) -> dict[str, tuple[Any, list[str]]] | None:
         """The clean examples `drop` forgets (right under `own`, wrong under `drop`) beside as many
-        randomly chosen clean examples it keeps (EXPERIMENTS.md finding 5b), drawn from the data."""
+        randomly chosen clean examples it keeps (EXPERIMENTS.md finding 5b): the groups of
+        `plots.examples_figure`, or None without ETD rows."""
         rows = [r for r in self.tables.get("etd_examples", []) if not r["is_noisy"] and r["own_correct"]]
         if not rows:
             return None
-        # matplotlib is imported only where a trial writes its figures (not in analysis workers)
-        from . import plots
-
         g = streams.torch_generator("forgotten.sample", self.cfg.seed)
         groups = {}
         for label, want in (("forgotten by drop", False), ("kept by drop", True)):
@@ -362,7 +360,7 @@ class Trial:
             y = self.data.y_train[ids.to(self.data.device)].tolist()
             groups[f"{label}\n({len(ids)} shown)"] = (self.data.x_train[ids.to(self.data.device)].cpu().numpy(),
                                                       [f"#{i} y={c}" for i, c in zip(ids.tolist(), y)])
-        return plots.png(plots.examples_figure(groups, f"{title}: clean examples forgotten vs kept"))
+        return groups
 
     def _write(self, table: str, rows: Rows) -> None:
         if self.store is not None:
@@ -380,12 +378,13 @@ class Trial:
         if self.store is not None:
             c = self.cfg
             title = f"{c.data.dataset} / {c.model.arch} / {c.dropout.kind} (trial {self.key})"
+            # matplotlib is imported only where a trial writes its figures (not in analysis workers)
             from . import plots
 
             figures = plots.trial_figures(self.tables, title)
-            forgotten = self.forgotten_figure(title)
+            forgotten = self.forgotten_examples()
             if forgotten is not None:
-                figures["forgotten"] = forgotten
+                figures["forgotten"] = plots.png(plots.examples_figure(forgotten, f"{title}: clean examples forgotten vs kept"))
             for name, png in figures.items():
                 self.store.write_figure(name, png)
         self.timed("write", t)
