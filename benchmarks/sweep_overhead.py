@@ -11,8 +11,9 @@ overhead at all would run them. Headline `tune_over_floor` for the default grid 
 
 Where the time goes, side by side: the phases every trial timed (setup, training, reports,
 checkpoints, analyses, tables and figures), summed over the grid, for the Tune side and for the
-floor. With BENCH_REPEAT=N each grid runs N Tune-then-floor pairs
-and the headline is the median of their ratios (the machine's speed drifts between minutes).
+floor. With BENCH_REPEAT=N each grid runs N pairs, Tune first in the odd ones and the floor first
+in the even ones, and the headline is the median of their ratios (the machine's speed drifts
+between minutes).
 
     python benchmarks/sweep_overhead.py                 # smoke and default (about 10 minutes on 2 cores)
     BENCH_GRIDS=smoke python benchmarks/sweep_overhead.py
@@ -38,7 +39,7 @@ from sweeps.plan import longest_first
 from sweeps.dropout_grid import build_configs, parser
 
 GRIDS = [g for g in os.environ.get("BENCH_GRIDS", "smoke,default").split(",") if g]
-REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))  # Tune-then-floor pairs per grid; the headline is their median
+REPEAT = int(os.environ.get("BENCH_REPEAT", "1"))  # pairs per grid; the headline is their median
 
 
 def sequential(preset: str) -> dict:
@@ -118,9 +119,11 @@ def main() -> None:
            "grids": {}}
     for g in GRIDS:
         pairs = []
-        for _ in range(REPEAT):  # each pair side by side: this machine's speed drifts over minutes
-            tune = through_tune(g)
-            floor = parallel_floor(g)
+        for i in range(REPEAT):  # each pair side by side: this machine's speed drifts over minutes,
+            if i % 2 == 0:       # so every other pair runs the floor first
+                tune, floor = through_tune(g), parallel_floor(g)
+            else:
+                floor, tune = parallel_floor(g), through_tune(g)
             pairs.append({"tune": tune, "parallel_floor": floor,
                           "tune_over_floor": round(tune["wall_s"] / floor["wall_s"], 3)})
             print(json.dumps({g: pairs[-1]}), flush=True)

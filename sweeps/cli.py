@@ -17,6 +17,14 @@ class UsageError(Exception):
     pass
 
 
+def auto_analysis_workers(cpus_per_trial: float) -> int:
+    """`--analysis-workers` when not given: one actor per whole CPU of the trial when it has two or
+    more (the analyses then run in parallel), else none. A trial with one CPU gains nothing from an
+    actor (it would run on the CPU the waiting trainable holds) and pays its process, torch import,
+    data load and the hand-off of weights and snapshots: its analyses run in the trainable."""
+    return int(cpus_per_trial) if cpus_per_trial >= 2 else 0
+
+
 def split_list(flag: str, text: str, cast) -> list:
     out = []
     for part in text.split(","):
@@ -42,7 +50,9 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' on a cluster)")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--analysis-workers", type=int, default=1)
+    p.add_argument("--analysis-workers", type=int, default=None,
+                   help="analysis actors per trial; 0 runs the analyses in the trainable's process "
+                        "[one per whole CPU of the trial when it has 2 or more, else 0]")
     p.add_argument("--mlflow-uri", default=None, help="tracking URI [sqlite:///<results>/mlflow.db]")
     p.add_argument("--checkpoint-s", type=float, default=30.0,
                    help="seconds between a trial's checkpoints; its last training epoch is always "
@@ -101,7 +111,9 @@ def check_runtime(args) -> None:
         raise UsageError(f"--gpus-per-trial={args.gpus_per_trial} is invalid: a number >= 0")
     if not args.checkpoint_s >= 0 or math.isinf(args.checkpoint_s):
         raise UsageError(f"--checkpoint-s={args.checkpoint_s} is invalid: a finite number >= 0")
-    if args.analysis_workers < 0:
+    if args.analysis_workers is None:
+        args.analysis_workers = auto_analysis_workers(args.cpus_per_trial)
+    elif args.analysis_workers < 0:
         raise UsageError(f"--analysis-workers={args.analysis_workers} is invalid: an integer >= 0")
 
 
