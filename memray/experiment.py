@@ -1,7 +1,7 @@
 """The trial: train from a config (resuming from a saved state), run its analyses through any
 map-like executor, and write its table rows and figures. Everything a trial is lives here; the
 Ray Tune trainable (`trainables.trial`) only adapts it: it restores from Tune's checkpoint,
-reports each epoch, and hands the analyses to the trial's actors.
+reports each epoch, and hands the analyses to the trial's actors when it has any.
 
     trial = Trial(cfg, store)            # store: memray.tables.TrialStore (None: keep rows in memory)
     trial.restore(state_file)            # optional: continue a saved trial
@@ -13,8 +13,8 @@ Analyses are independent work items (`("rewind", group, epoch)`, `("retrain", gr
 `("flip", method, start, stop)` over the trial's flip targets). An executor takes an
 `AnalysisJob` (the config, the trained weights, the snapshots and the items) and returns every
 item's `(table, rows)`: `run_here` builds one `AnalysisRunner` in this process and maps it over
-the items (the sequential baseline, and what tests use); the sweep spreads the same items over a
-pool of actors that each build a runner. Rows are put in one order before they are written,
+the items (a sweep's trial with one CPU does this); a trial with more spreads the same items over
+a pool of actors that each build a runner. Rows are put in one order before they are written,
 whatever order the executor returns them in, so every executor writes the same tables.
 """
 from __future__ import annotations

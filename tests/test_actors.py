@@ -3,6 +3,7 @@ the trainable's own process."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -36,11 +37,14 @@ def test_actor_pool_gives_the_rows_the_trainables_process_gives():
     and once on two real Ray actors (`trainables.actors`, items in any order): the same rows,
     to the bit (one torch thread on both sides)."""
     import ray
+    import torch
 
     from memray.experiment import Trial, run_here
     from sweeps.dropout_grid import build_configs, parser
+    from trainables import actors
     from trainables.actors import analysis_executor
 
+    torch.set_num_threads(1)  # as each actor
     cfg = next(c for c in build_configs(parser().parse_args(["--preset", "tiny"])) if c.dropout.kind != "none")
     trial = Trial(cfg, device="cpu")
     for _ in trial.epochs():
@@ -53,6 +57,8 @@ def test_actor_pool_gives_the_rows_the_trainables_process_gives():
         remote = list(analysis_executor(cfg, 2, 2.0, 0.0, None)(job))
     finally:
         ray.shutdown()
+        actors._POOLS.clear()  # their handles died with this Ray
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # conftest's
 
     def canon(results):  # a localization row's `seconds` is its method's run time: not compared
         return sorted(json.dumps([table, [{k: v for k, v in r.items() if k != "seconds"} for r in rows]],

@@ -4,7 +4,8 @@ In the shape of Tune's own function-trainable examples: restore from `tune.get_c
 report each epoch, with a checkpoint at most every `checkpoint_s` seconds (`--checkpoint-s`) and at
 the last training epoch (`FailureConfig` restarts a killed trial from its last one; training is
 deterministic, so a trial resumed from an older checkpoint ends with the same numbers), and hand
-the analyses to the trial's actors (`trainables.actors`). Everything a trial does is
+the analyses to the trial's actors (`trainables.actors`) when its placement group has bundles for
+them, else run them in this process. Everything a trial does is
 memray's; this module only moves it through Tune.
 
 The sweep driver imports this module: it loads no torch and no memray model code at import (the
@@ -80,8 +81,12 @@ def train_trial(config: dict[str, Any]) -> None:
     cpus, gpus = float(config["cpus_per_trial"]), float(config.get("gpus_per_trial") or 0.0)
     torch.set_num_threads(threads(cpus))
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    # the analysis actors start first: their start-up (torch import, data) overlaps training
-    executor = analysis_executor(exp, int(config["analysis_workers"]), cpus, gpus, config.get("data_dir"))
+    # the analysis actors start first: their start-up (torch import, data) overlaps training. Their
+    # number is read from the placement group this trial holds (bundle 0 is the trainable's), not
+    # from the config: a sweep resumed under another `--analysis-workers` default keeps its trials'
+    # old configs but gets the new bundles, and actors sized for the old ones would never be placed
+    workers = len(tune.get_context().get_trial_resources().bundles) - 1
+    executor = analysis_executor(exp, workers, cpus, gpus, config.get("data_dir"))
     trial = Trial(exp, store, device=device, data_dir=config.get("data_dir"), objective=config.get("objective"))
 
     restore_newest_readable(trial, tune.get_checkpoint())
