@@ -127,11 +127,14 @@ def main() -> None:
             pairs.append({"tune": tune, "parallel_floor": floor,
                           "tune_over_floor": round(tune["wall_s"] / floor["wall_s"], 3)})
             print(json.dumps({g: pairs[-1]}), flush=True)
-        out["grids"][g] = {**pairs[0], "tune_over_floor": round(statistics.median(p["tune_over_floor"] for p in pairs), 3)}
-        if REPEAT > 1:
-            out["grids"][g]["pairs"] = [p["tune_over_floor"] for p in pairs]
+        median = round(statistics.median(p["tune_over_floor"] for p in pairs), 3)
+        if REPEAT > 1:  # every pair's walls and phases, not one pair's beside the median of all
+            out["grids"][g] = {"tune_over_floor": median, "pairs": [p["tune_over_floor"] for p in pairs],
+                               "runs": pairs}
+        else:
+            out["grids"][g] = pairs[0]
         if os.environ.get("BENCH_SEQUENTIAL") == "1":
-            seq = sequential(g)
+            seq = sequential(g)  # beside the last pair
             out["grids"][g].update({"sequential": seq, "tune_over_sequential": round(tune["wall_s"] / seq["wall_s"], 3),
                                     "floor_over_sequential": round(floor["wall_s"] / seq["wall_s"], 3)})
         print(json.dumps({g: out["grids"][g]}), flush=True)
