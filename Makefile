@@ -17,8 +17,8 @@ COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --extra dev --generate-hashe
 $(STAMP): $(LOCK) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile --require-hashes -r $(LOCK)
-	@# bytecode on every core: pip compiles on one (the lock's install took 166 s here with pip's
-	@# compiling, 112 s so); a file for a newer Python (one of torch's tests) fails here as under pip
+	@# bytecode on every core, where pip compiles on one (`make install` from a fresh clone: 158 s with
+	@# pip's compiling, 134 s so); a file for a newer Python (one of torch's tests) fails as under pip
 	$(PY) -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_path('purelib'), quiet=2, workers=0)"
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
