@@ -152,7 +152,7 @@ def launch(args, plan: Plan) -> int:
              else {"exp": plan.exp_space})
     space = {**space, "sweep": args.name, "results_dir": args.results_dir, "data_dir": args.data_dir,
              "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
-             "run_id": run_id, "objective": plan.objective,  # analysis actors: the placement group's
+             "run_id": run_id, "objective": plan.objective,  # no actor count: a trial reads its bundles
              "checkpoint_s": args.checkpoint_s}
     callbacks = [TrialsTable(args.results_dir, args.name),
                  MlflowLogger(args.mlflow_uri, args.name, args.results_dir, source_tags=source_tags(),

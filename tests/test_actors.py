@@ -3,7 +3,6 @@ the trainable's own process."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -44,6 +43,7 @@ def test_actor_pool_gives_the_rows_the_trainables_process_gives():
     from trainables import actors
     from trainables.actors import analysis_executor
 
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # as each actor
     cfg = next(c for c in build_configs(parser().parse_args(["--preset", "tiny"])) if c.dropout.kind != "none")
     trial = Trial(cfg, device="cpu")
@@ -58,7 +58,7 @@ def test_actor_pool_gives_the_rows_the_trainables_process_gives():
     finally:
         ray.shutdown()
         actors._POOLS.clear()  # their handles died with this Ray
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # conftest's
+        torch.set_num_threads(threads_before)
 
     def canon(results):  # a localization row's `seconds` is its method's run time: not compared
         return sorted(json.dumps([table, [{k: v for k, v in r.items() if k != "seconds"} for r in rows]],
