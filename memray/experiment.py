@@ -37,7 +37,7 @@ from .probes import Subject
 from .probes.flips import flip_rows, select_targets
 from .probes.localize import localization_rows
 from .probes.retraining import retrain_item
-from .probes.rewinding import rewind_item
+from .probes.rewinding import Prefix, rewind_item
 from .summary import epoch_metrics, final_metrics, flip_summary, layer_summary, localization_summary
 from .tables import TrialStore, check_memscores
 from .train import Diverged, Trainer, example_correctness, load_state, pick_device, predict, save_state
@@ -123,18 +123,19 @@ class AnalysisRunner:
                if cfg.dropout.kind == "example_tied" else None)
         self.subject = Subject(model, data, etd)
         self._flip_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._prefix: Prefix | None = None
         self._localize: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def run(self, item: WorkItem) -> tuple[str, Rows]:
         kind = item[0]
         if kind == "rewind":
             _, g, e = item
-            return "rewinding", rewind_item(self.subject, self.final, self.snapshots[e], g, e)
+            return "rewinding", rewind_item(self.subject, self.final, self.snapshots[e], g, e, self.prefix(g))
         if kind == "retrain":
             _, g = item
             a = self.cfg.analyses
             e = a.retrain_epoch
-            return "retraining", retrain_item(self.subject, g, self.snapshots[e], e,
+            return "retraining", retrain_item(self.subject, g, self.snapshots[e], e, prefix=self.prefix(g),
                                               lr=a.retrain_lr, weight_decay=a.retrain_weight_decay,
                                               max_epochs=a.retrain_max_epochs,
                                               patience=a.retrain_patience,
@@ -160,6 +161,16 @@ class AnalysisRunner:
                                                      list(a.localize_k), budget=a.localize_budget, track=track,
                                                      seed=self.cfg.seed, ig_steps=a.ig_steps)
         raise ValueError(f"unknown work item {item!r}")
+
+    def prefix(self, group: int) -> Prefix | None:
+        """The trained model's activations before layer group `group`'s first stage (the
+        stages a rewound or retrained group leaves as they are), or None. One prefix is kept at
+        a time: the items come group by group."""
+        start = self.subject.model.stages_before(group)
+        if self._prefix is None or self._prefix.start != start:
+            self._prefix = None  # freed before the next is built
+            self._prefix = Prefix.of(self.subject, start)
+        return self._prefix
 
     def localize_targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(targets, reference ids, test sample) for localization (section 7): seeded samples of the

@@ -8,12 +8,14 @@ the ETD evaluation modes and the flip analysis all go through this one mechanism
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 Masks = Sequence[torch.Tensor | None]
+Stage = tuple[tuple[str, ...], Callable[[torch.Tensor], torch.Tensor]]
 
 
 class BinaryMasks(list):
@@ -53,7 +55,7 @@ class Site(nn.Module):
 
     `relu=True`: the site also applies the ReLU in front of it, relu(x) (* mask). With 0/1 masks
     (`BinaryMasks`) and autograd on, that is one fused op with ReLU's own backward (`_ReLUMask`);
-    otherwise (scaled masks, masks that need gradients, no autograd) it is relu(x) * mask."""
+    otherwise it is relu(x) * mask, scaled in place where nothing needs a gradient."""
 
     def __init__(self, units: int, unit_dim: int = 1, relu: bool = False):
         super().__init__()
@@ -71,7 +73,10 @@ class Site(nn.Module):
         m = broadcast_mask(m, x, self.unit_dim)
         if not self.relu:
             return x * m
-        if self.slot.binary and torch.is_grad_enabled() and not m.requires_grad:
+        if not torch.is_grad_enabled() or not (x.requires_grad or m.requires_grad):
+            out = torch.relu(x)  # nothing to differentiate: relu's output is ours to scale
+            return out.mul_(m) if torch.broadcast_shapes(out.shape, m.shape) == out.shape else out * m
+        if self.slot.binary and not m.requires_grad:
             return _ReLUMask.apply(x, m)
         return torch.relu(x) * m
 
@@ -113,17 +118,60 @@ class SiteModel(nn.Module):
     def site_units(self) -> list[int]:
         return [s.units for s in self.sites]
 
-    def body(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        stages = self.stages()
+        if stages is None:  # pragma: no cover - abstract
+            raise NotImplementedError
+        for _, f in stages:
+            x = f(x)
+        return x
 
-    def forward(self, x: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
+    def stages(self) -> list[Stage] | None:
+        """The body as a chain of stages, input side first, where it is one: (module names the
+        stage runs, callable); glue without parameters names none. None where the body is not
+        a chain. The probes then run a partly rewound model from its first changed stage on
+        (`stages_before`, `forward_stages`)."""
+        return None
+
+    def stages_before(self, group: int) -> int:
+        """How many leading stages hold no parameter or buffer of layer group `group`: their
+        output is the same whatever `group` holds. 0 without a chain."""
+        stages = self.stages()
+        if stages is None:
+            return 0
+        first = len(stages)
+        for key in self.group_state_keys(group):
+            at = [i for i, (names, _) in enumerate(stages) if any(key.startswith(n + ".") for n in names)]
+            if not at:  # a tensor outside every stage: nothing is known unchanged
+                return 0
+            first = min(first, at[0])
+        return first if first < len(stages) else 0
+
+    def forward_stages(self, x: torch.Tensor, masks: Masks | None = None, start: int = 0,
+                       stop: int | None = None) -> torch.Tensor:
+        """Stages start..stop-1 of the chain on x (the output of stage start-1), with masks per
+        site as in `forward` (sites outside the range ignore theirs)."""
+        stages = self.stages()
+        if stages is None:
+            raise ValueError(f"{type(self).__name__} has no chain of stages")
+        with self.masked(masks):
+            for _, f in stages[start:stop]:
+                x = f(x)
+        return x
+
+    @contextmanager
+    def masked(self, masks: Masks | None) -> Iterator[None]:
         if masks is not None and len(masks) != len(self.sites):
             raise ValueError(f"got {len(masks)} masks for {len(self.sites)} sites")
         self._slot.masks, self._slot.binary = masks, isinstance(masks, BinaryMasks)
         try:
-            return self.body(x)
+            yield
         finally:
             self._slot.masks, self._slot.binary = None, False
+
+    def forward(self, x: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
+        with self.masked(masks):
+            return self.body(x)
 
     # -- layer groups ------------------------------------------------------------------------
     def group_names(self) -> list[str]:

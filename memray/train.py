@@ -64,10 +64,14 @@ def set_deterministic() -> None:
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict(model: SiteModel, x: torch.Tensor, masks_for=None, batch_size: int | None = None) -> torch.Tensor:
+def predict(model: SiteModel, x: torch.Tensor, masks_for=None, batch_size: int | None = None,
+            stages: tuple[int, int | None] | None = None) -> torch.Tensor:
     """Logits for all of x in eval mode. masks_for(idx) -> per-site masks for rows idx, or None.
     Batches of 256 rows on a CPU, where a batch's activations then stay in cache (LeNet 40 over
-    5,000 28x28 images: 2.5 s against 4.2-4.7 s in batches of 1,024), 1,024 on an accelerator."""
+    5,000 28x28 images: 2.5 s against 4.2-4.7 s in batches of 1,024), 1,024 on an accelerator.
+    `stages` (start, stop): run only those stages of the model's chain (x is stage start's
+    input; the output is stage stop-1's); the same batches, so the rows are the same as a whole
+    pass's."""
     if batch_size is None:
         batch_size = 256 if x.device.type == "cpu" else 1024
     was_training = model.training
@@ -75,7 +79,8 @@ def predict(model: SiteModel, x: torch.Tensor, masks_for=None, batch_size: int |
     out = []
     for start in range(0, x.shape[0], batch_size):
         idx = torch.arange(start, min(start + batch_size, x.shape[0]), device=x.device)
-        out.append(model(x[idx], masks_for(idx) if masks_for is not None else None))
+        masks = masks_for(idx) if masks_for is not None else None
+        out.append(model(x[idx], masks) if stages is None else model.forward_stages(x[idx], masks, *stages))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, device=x.device)
 

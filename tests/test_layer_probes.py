@@ -161,3 +161,68 @@ def test_retraining_steps_and_records_its_budget(trained):
     clean = next(r["accuracy"] for r in rows if r["subset"] == "train_clean")
     assert {r["epochs_run"] for r in rows} == {info["epochs"]} and 1 <= info["epochs"] <= 4
     assert {r["converged"] for r in rows} == {clean >= CONVERGED * trained_clean}
+
+
+@pytest.fixture(scope="module")
+def etd_lenet(digits):
+    cfg = small_cfg(**{"model.arch": "lenet", "model.width": 8, "optim.epochs": 3, "dropout.kind": "example_tied",
+                       "analyses.snapshot_epochs": [0, 1, 3], "analyses.snapshot_thresholds": []})
+    tr = Trainer(cfg, digits, "cpu")
+    tr.fit()
+    return tr
+
+
+@pytest.mark.parametrize("arch,before", [("lenet", [0, 1, 3, 4, 5]), ("mlp", [1, 2, 3, 4]), ("resnet9", None)])
+def test_stages_split_the_forward_pass(digits, arch, before):
+    """A chain's stages run in two parts give the whole pass's logits exactly; a group's
+    `stages_before` counts the stages before its first parameter; a model without a chain has none."""
+    torch.manual_seed(0)
+    m = build_model(arch, 8, digits.in_shape, digits.num_classes).eval()
+    x = digits.x_train[:16]
+    masks = [(torch.rand(16, c) > 0.3).float() for c in m.site_units]
+    if before is None:
+        assert m.stages() is None and m.stages_before(2) == 0
+        with pytest.raises(ValueError, match="has no chain of stages"):
+            m.forward_stages(x, masks, 1)
+        return
+    assert [m.stages_before(g) for g in range(len(m.layer_groups))] == before
+    with torch.no_grad():
+        whole = m(x, masks)
+        for k in range(len(m.stages()) + 1):
+            assert torch.equal(m.forward_stages(m.forward_stages(x, masks, 0, k), masks, k), whole)
+
+
+def test_prefix_rows_equal_whole_passes(etd_lenet):
+    """Rewinding from the trained model's prefix gives the same rows, bit for bit, as whole passes
+    (the same batches); retraining from it trains the same (to float rounding); a prefix that
+    reaches into the group is refused, and one over its memory bound is not built."""
+    from memray.probes.retraining import retrain_item
+    from memray.probes.rewinding import Prefix
+
+    subject, snaps = etd_lenet.subject, etd_lenet.snapshots
+    m = subject.model
+    final = {k: v.clone() for k, v in m.state_dict().items()}
+    for g in range(len(m.layer_groups)):
+        p = Prefix.of(subject, m.stages_before(g))
+        assert (p is None) == (g == 0)
+        for e in sorted(snaps):
+            assert rewind_item(subject, final, snaps[e], g, e, p) == rewind_item(subject, final, snaps[e], g, e)
+        if p is None:
+            continue
+        assert p.train.shape[0] == subject.data.n_train and p.test.shape[0] == len(subject.data.x_test)
+        kw = {"max_epochs": 2, "patience": 3}
+        a, b = (retrain_item(subject, g, snaps[0], 0, prefix=q, **kw) for q in (p, None))
+        assert [(r["subset"], r["epochs_run"]) for r in a] == [(r["subset"], r["epochs_run"]) for r in b]
+        for r, s in zip(a, b):
+            assert r["accuracy"] == pytest.approx(s["accuracy"], abs=2 / subject.data.n_train)
+        ma, _ = retrain_layer(subject, g, snaps[0], max_epochs=2, prefix=p)
+        mb, _ = retrain_layer(subject, g, snaps[0], max_epochs=2)
+        for k, v in ma.state_dict().items():
+            assert torch.allclose(v, mb.state_dict()[k], rtol=1e-4, atol=1e-5), k
+    assert all(torch.equal(v, final[k]) for k, v in m.state_dict().items())
+    p = Prefix.of(subject, 3)
+    with pytest.raises(ValueError, match="a prefix of 3 stages covers layer group 1"):
+        rewind_item(subject, final, snaps[0], 1, 0, p)
+    with pytest.raises(ValueError, match="a prefix of 4 stages covers layer group 2"):
+        retrain_layer(subject, 2, snaps[0], prefix=Prefix.of(subject, 4))  # fc1's first stage is 3
+    assert Prefix.of(subject, 3, max_bytes=1024) is None

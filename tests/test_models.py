@@ -152,3 +152,26 @@ def test_resnet9_is_the_authors_at_width_64():
     # 8x8 digits: conv4 is padded by 1 (2x2 before it), the one departure; 1-D signals work too
     assert build_model("resnet9", 8, (1, 8, 8), 10)(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     assert build_model("resnet9", 8, (1, 40), 10)(torch.randn(2, 1, 40)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (3, 2, 7, 9), (2, 3, 10), (2, 3, 11)])
+def test_maxpool2_has_the_library_values_and_gradients(shape):
+    """Values and gradients equal `F.max_pool2d` / `F.max_pool1d` bit for bit, ties included (the
+    first maximum of a window in scan order takes the gradient), odd sizes too; without autograd
+    the same values."""
+    import torch.nn.functional as F
+
+    from memray.models import MaxPool2
+
+    torch.manual_seed(0)
+    lib = F.max_pool2d if len(shape) == 4 else F.max_pool1d
+    for x in (torch.randn(shape), torch.randint(0, 3, shape).float(), torch.zeros(shape)):  # ties: small integers, all equal
+        x = x.requires_grad_(True)
+        ref, got = lib(x, 2), MaxPool2(2)(x)
+        g = torch.randn_like(ref)
+        assert torch.equal(ref, got)
+        assert torch.equal(torch.autograd.grad(ref, x, g)[0], torch.autograd.grad(got, x, g)[0])
+        with torch.no_grad():
+            assert torch.equal(MaxPool2(2)(x), ref)
+    with pytest.raises(ValueError, match="at least 2 rows and 2 columns: got"):
+        MaxPool2(2)(torch.zeros(1, 1, 1, 4))

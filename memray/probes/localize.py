@@ -287,24 +287,40 @@ def oracle(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tens
 
 
 @torch.no_grad()
-def zero_out(loc: Localizer, tg: Targets, opts: Options = Options(), chunk: int = 256) -> torch.Tensor:
-    """Rise of the target's loss minus the mean rise on R when candidate u alone is zeroed."""
+def zero_out(loc: Localizer, tg: Targets, opts: Options = Options(), chunk: int | None = None) -> torch.Tensor:
+    """Rise of the target's loss minus the mean rise on R when candidate u alone is zeroed (-inf
+    off the target's candidates). R's rise is computed once per unit for every target; each
+    target goes alone, in passes of its unedited row and `chunk` edited ones (default: about
+    `PASS_ROWS` rows a pass), so its scores do not depend on the targets beside it."""
     T, R = len(tg), loc.ref.numel()
-    base_t = F.cross_entropy(loc.forward(tg.x, tg.base), tg.y, reduction="none")  # (T,)
-    base_r = F.cross_entropy(loc.forward(loc.xr, loc.base_r), loc.yr, reduction="none").mean()
     out = torch.full((T, loc.total), -math.inf, dtype=loc.dtype, device=loc.device)
     units = torch.nonzero(tg.cand.any(0)).flatten()
-    for a in range(0, len(units), chunk):
-        u = units[a:a + chunk]
+    eye = torch.ones(loc.total, dtype=loc.dtype, device=loc.device)
+
+    def edits(u: torch.Tensor) -> torch.Tensor:  # (n, U): unit u_j zeroed in row j
+        keep = eye.expand(len(u), -1).clone()
+        keep[torch.arange(len(u)), u] = 0
+        return keep
+
+    base_r = F.cross_entropy(loc.forward(loc.xr, loc.base_r), loc.yr, reduction="none").mean()
+    rise_r = torch.empty(loc.total, dtype=loc.dtype, device=loc.device)
+    step = chunk or max(1, PASS_ROWS // max(R, 1))
+    for a in range(0, len(units), step):
+        u = units[a:a + step]
         n = len(u)
-        keep = torch.ones(n, loc.total, dtype=loc.dtype, device=loc.device)
-        keep[torch.arange(n), u] = 0  # (n, U): unit u_j zeroed in row j
-        lt = F.cross_entropy(loc.forward(tg.x.repeat_interleave(n, 0), (tg.base[:, None] * keep[None]).reshape(T * n, -1)),
-                             tg.y.repeat_interleave(n), reduction="none").view(T, n)
         lr = F.cross_entropy(loc.forward(loc.xr.repeat(n, *[1] * (loc.xr.dim() - 1)),
-                                         (keep[:, None] * loc.base_r[None]).reshape(n * R, -1)),
+                                         (edits(u)[:, None] * loc.base_r[None]).reshape(n * R, -1)),
                              loc.yr.repeat(n), reduction="none").view(n, R).mean(1)
-        out[:, u] = (lt - base_t[:, None]) - (lr - base_r)[None]
+        rise_r[u] = lr - base_r
+    step = chunk or PASS_ROWS - 1
+    for i in range(T):
+        mine = torch.nonzero(tg.cand[i]).flatten()
+        for a in range(0, len(mine), step):
+            u = mine[a:a + step]
+            rows = torch.cat([eye[None], edits(u)]) * tg.base[i]
+            lt = F.cross_entropy(loc.forward(tg.x[i:i + 1].expand(len(u) + 1, *tg.x.shape[1:]), rows),
+                                 tg.y[i].expand(len(u) + 1), reduction="none")
+            out[i, u] = (lt[1:] - lt[0]) - rise_r[u]
     return out
 
 
@@ -444,8 +460,10 @@ def localization_rows(subject: Subject, targets: torch.Tensor, reference_ids: to
     """`localization` rows of one track: per target, method and k (|truth| and each fixed k up to
     the candidates): precision@k, lift (precision / chance), recall and AUROC against the truth
     (null without ETD), units to flip in rank order (`decoy` and plain models; null where the
-    target does not predict its given label unedited), and after zeroing the top k: the fall of
-    log p(given label), accuracy on R (in R's mode) and on a fixed test sample (mode all)."""
+    target does not predict its given label unedited), and after zeroing the top-|truth| (the
+    top k of each fixed k in plain models, which have no truth; null at the fixed k of ETD
+    tracks): the fall of log p(given label), accuracy on R (in R's mode) and on a fixed test
+    sample (mode all)."""
     with subject.frozen(dtype):
         loc = Localizer(subject, reference_ids, test_ids, track, dtype, seed)
         tg = loc.targets(targets)
@@ -470,9 +488,11 @@ def localization_rows(subject: Subject, targets: torch.Tensor, reference_ids: to
                     if k > n_cand[i]:
                         continue
                     top = order[i, :k]
-                    zeroed = torch.zeros(loc.total, dtype=torch.bool, device=loc.device)
-                    zeroed[top] = True
-                    fall, ref_acc, test_acc = loc.after_zeroing(tg, i, zeroed)
+                    fall = ref_acc = test_acc = None
+                    if nt is None or k == nt:  # the protocol scores the edit at the top-|truth|
+                        zeroed = torch.zeros(loc.total, dtype=torch.bool, device=loc.device)
+                        zeroed[top] = True
+                        fall, ref_acc, test_acc = loc.after_zeroing(tg, i, zeroed)
                     hit = int(tg.truth[i][top].sum()) if tg.truth is not None else None
                     prec = hit / k if hit is not None else None
                     defined = flips_defined and given[i]

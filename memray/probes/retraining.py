@@ -30,18 +30,22 @@ from ..data import batches
 from ..sites import SiteModel
 from ..train import lr_factor
 from . import Subject
-from .rewinding import rewind_layer, subset_accuracies
+from .rewinding import Prefix, rewind_layer, subset_accuracies
 
 CONVERGED = 0.99  # of the trained model's train_clean
 
 
 def retrain_layer(subject: Subject, group: int, snapshot: dict[str, torch.Tensor],
                   lr: float = 0.01, weight_decay: float = 5e-4, max_epochs: int = 20, patience: int = 3,
-                  batch_size: int = 128, seed: int = 0,
-                  seen_ids: list[torch.Tensor] | None = None) -> tuple[SiteModel, dict[str, Any]]:
+                  batch_size: int = 128, seed: int = 0, seen_ids: list[torch.Tensor] | None = None,
+                  prefix: Prefix | None = None) -> tuple[SiteModel, dict[str, Any]]:
     """Returns (retrained copy of the model, {'epochs': n, 'clean_train_acc': last}).
-    `seen_ids`, when given, collects every batch's example ids (for checking)."""
+    `seen_ids`, when given, collects every batch's example ids (for checking). `prefix`: the
+    trained model's activations before the group's first stage (`rewinding.Prefix`); the frozen
+    stages before it then run once, not every epoch (to float rounding the same training)."""
     data, etd = subject.data, subject.etd
+    if prefix is not None and prefix.start > subject.model.stages_before(group):
+        raise ValueError(f"a prefix of {prefix.start} stages covers layer group {group}")
     m = copy.deepcopy(subject.model)
     rewind_layer(m, group, snapshot)
     params = [p for _, p in m.group_parameters(group)]
@@ -65,7 +69,8 @@ def retrain_layer(subject: Subject, group: int, snapshot: dict[str, torch.Tensor
             if seen_ids is not None:
                 seen_ids.append(ids.detach().cpu())
             masks = etd.example_masks(ids) if etd is not None else None
-            logits = m(data.x_train[ids], masks)
+            logits = (m(data.x_train[ids], masks) if prefix is None
+                      else m.forward_stages(prefix.train[ids], masks, prefix.start))
             loss = F.cross_entropy(logits, data.y_train[ids])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,11 +88,12 @@ def retrain_layer(subject: Subject, group: int, snapshot: dict[str, torch.Tensor
 
 
 def retrain_item(subject: Subject, group: int, snapshot: dict[str, torch.Tensor], epoch: int,
-                 **budget) -> list[dict[str, Any]]:
-    """Rows (one per subset) for retraining one group of the trained model."""
-    trained = subset_accuracies(subject)["train_clean"]
-    m, info = retrain_layer(subject, group, snapshot, **budget)
-    acc = subset_accuracies(replace(subject, model=m))
+                 prefix: Prefix | None = None, **budget) -> list[dict[str, Any]]:
+    """Rows (one per subset) for retraining one group of the trained model (`prefix`: its
+    activations before the group's first stage, or None)."""
+    trained = subset_accuracies(subject, prefix=prefix)["train_clean"]
+    m, info = retrain_layer(subject, group, snapshot, prefix=prefix, **budget)
+    acc = subset_accuracies(replace(subject, model=m), prefix=prefix)
     name = subject.model.group_names()[group]
     converged = acc["train_clean"] >= CONVERGED * trained
     return [{"layer_index": group, "layer_name": name, "rewind_epoch": epoch, "subset": s, "accuracy": a,
