@@ -128,6 +128,8 @@ class AnalysisRunner:
 
     def run(self, item: WorkItem) -> tuple[str, Rows]:
         kind = item[0]
+        if kind not in ("rewind", "retrain"):
+            self._prefix = None  # only rewinding and retraining read it
         if kind == "rewind":
             _, g, e = item
             return "rewinding", rewind_item(self.subject, self.final, self.snapshots[e], g, e, self.prefix(g))

@@ -53,9 +53,10 @@ class _ReLUMask(torch.autograd.Function):
 class Site(nn.Module):
     """Identity unless a mask is set for it; then x * mask along `unit_dim`.
 
-    `relu=True`: the site also applies the ReLU in front of it, relu(x) (* mask). With 0/1 masks
-    (`BinaryMasks`) and autograd on, that is one fused op with ReLU's own backward (`_ReLUMask`);
-    otherwise it is relu(x) * mask, scaled in place where nothing needs a gradient."""
+    `relu=True`: the site also applies the ReLU in front of it, relu(x) (* mask). Where nothing
+    needs a gradient, relu's output is scaled in place; with 0/1 masks (`BinaryMasks`) and a
+    gradient to compute, one fused op with ReLU's own backward (`_ReLUMask`); otherwise
+    relu(x) * mask."""
 
     def __init__(self, units: int, unit_dim: int = 1, relu: bool = False):
         super().__init__()
@@ -97,8 +98,9 @@ def broadcast_mask(m: torch.Tensor, x: torch.Tensor, unit_dim: int) -> torch.Ten
 class SiteModel(nn.Module):
     """Base for every architecture: `forward(x, masks=None)` with masks per site (or None).
 
-    Subclasses build their layers, implement `body(x)`, and call `self._register_sites()` once at
-    the end of `__init__`. Sites are numbered in module-registration order, which every
+    Subclasses build their layers, implement `body(x)` (or `stages()`, where the body is a chain
+    of stages: the default body runs them), and call `self._register_sites()` once at the end of
+    `__init__`. Sites are numbered in module-registration order, which every
     architecture here keeps equal to forward order (input side first).
     """
 

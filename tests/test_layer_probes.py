@@ -188,6 +188,15 @@ def test_stages_split_the_forward_pass(digits, arch, before):
     assert [m.stages_before(g) for g in range(len(m.layer_groups))] == before
     with torch.no_grad():
         whole = m(x, masks)
+        with m.masked(masks):  # the chain is the architecture's forward pass, written out
+            if arch == "lenet":
+                explicit = m.head(m.fc2(m.fc1(m.conv2(m.conv1(x)).flatten(1))))
+            else:
+                h = x.flatten(1)
+                for layer in m.hidden:
+                    h = layer(h)
+                explicit = m.head(h)
+        assert torch.equal(whole, explicit)
         for k in range(len(m.stages()) + 1):
             assert torch.equal(m.forward_stages(m.forward_stages(x, masks, 0, k), masks, k), whole)
 
@@ -226,3 +235,24 @@ def test_prefix_rows_equal_whole_passes(etd_lenet):
     with pytest.raises(ValueError, match="a prefix of 4 stages covers layer group 2"):
         retrain_layer(subject, 2, snaps[0], prefix=Prefix.of(subject, 4))  # fc1's first stage is 3
     assert Prefix.of(subject, 3, max_bytes=1024) is None
+
+
+def test_runner_keeps_one_prefix_for_rewinding_and_retraining(etd_lenet):
+    """The runner builds a group's prefix from the trained model, keeps one at a time, drops it
+    when other analyses run, and its rewinding rows equal whole passes'."""
+    from memray.experiment import AnalysisRunner
+
+    tr = etd_lenet
+    state = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    cfg = tr.cfg.replace(**{"analyses.run": ["rewind", "flip"], "analyses.flip_targets": 2,
+                            "analyses.flip_budget": 2, "analyses.flip_reference": 4, "analyses.eval_samples": 8})
+    r = AnalysisRunner(cfg, state, tr.snapshots, tr.data, "cpu")
+    final = {k: v.clone() for k, v in r.subject.model.state_dict().items()}
+    for g, start in ((1, 1), (4, 5), (1, 1)):
+        table, rows = r.run(("rewind", g, 0))
+        assert r._prefix is not None and r._prefix.start == start
+        assert rows == rewind_item(r.subject, final, tr.snapshots[0], g, 0)
+    assert r.prefix(0) is None
+    r.prefix(2)
+    r.run(("flip", "random", 0, 2))
+    assert r._prefix is None

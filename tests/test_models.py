@@ -175,3 +175,22 @@ def test_maxpool2_has_the_library_values_and_gradients(shape):
             assert torch.equal(MaxPool2(2)(x), ref)
     with pytest.raises(ValueError, match="at least 2 rows and 2 columns: got"):
         MaxPool2(2)(torch.zeros(1, 1, 1, 4))
+
+
+def test_maxpool2_in_float64_and_under_torch_func():
+    """float64 values and gradients as the library's; under `vmap(grad(...))` (the stacked scoring
+    models) the library's op, so the same per-model gradients."""
+    import torch.nn.functional as F
+    from torch.func import grad, vmap
+
+    from memray.models import MaxPool2
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (2, 3, 6, 5), dtype=torch.float64).requires_grad_(True)
+    ref, got = F.max_pool2d(x, 2), MaxPool2(2)(x)
+    assert got.dtype == torch.float64 and torch.equal(ref, got)
+    assert torch.equal(torch.autograd.grad(ref.sum(), x)[0], torch.autograd.grad(got.sum(), x)[0])
+    xs = torch.randint(0, 3, (3, 2, 2, 6, 6)).float()
+    ours = vmap(grad(lambda t: (MaxPool2(2)(t) * torch.arange(18.).view(2, 1, 3, 3)).sum()))(xs)
+    lib = vmap(grad(lambda t: (F.max_pool2d(t, 2) * torch.arange(18.).view(2, 1, 3, 3)).sum()))(xs)
+    assert torch.equal(ours, lib)

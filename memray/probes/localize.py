@@ -289,9 +289,11 @@ def oracle(loc: Localizer, tg: Targets, opts: Options = Options()) -> torch.Tens
 @torch.no_grad()
 def zero_out(loc: Localizer, tg: Targets, opts: Options = Options(), chunk: int | None = None) -> torch.Tensor:
     """Rise of the target's loss minus the mean rise on R when candidate u alone is zeroed (-inf
-    off the target's candidates). R's rise is computed once per unit for every target; each
-    target goes alone, in passes of its unedited row and `chunk` edited ones (default: about
-    `PASS_ROWS` rows a pass), so its scores do not depend on the targets beside it."""
+    off the target's candidates). R's rise is computed once per unit for every target, `chunk`
+    units (chunk x |R| rows) a pass; each target goes alone, in passes of its unedited row and
+    `chunk` edited ones, so its scores do not depend on the targets beside it. Default chunks:
+    about `PASS_ROWS` rows a pass (LeNet 40 at 28x28, 32 targets in the decoy track: 5.9 s,
+    against 24.9 s in passes of 256 units for all targets at once)."""
     T, R = len(tg), loc.ref.numel()
     out = torch.full((T, loc.total), -math.inf, dtype=loc.dtype, device=loc.device)
     units = torch.nonzero(tg.cand.any(0)).flatten()
