@@ -48,8 +48,8 @@ class _MaxPool2(torch.autograd.Function):
     """`F.max_pool2d(x, 2)` on [B, C, H, W]: the same values, and the library's own backward on
     the indices its kernel would pick (the first maximum of each window in scan order), so the
     same gradient. The forward is maxima of strided views (`_pool2`): on a CPU the library's
-    kernel takes 21-24 ms for LeNet 40's first map (batch 128, one thread), these views 2.4 ms
-    without the indices; forward and backward take 21.4-21.6 ms against the library's 29.2-29.5.
+    kernel takes 20.8-23.5 ms for LeNet 40's first map (batch 128, one thread), these views
+    2.4-3.3 ms without the indices; forward and backward take 21.4-21.6 ms against the library's 29.2-29.5.
     (Windows holding NaN may pick another index than the library; their loss is NaN, and
     training stops there: `Diverged`.)"""
 
