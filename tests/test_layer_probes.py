@@ -249,7 +249,7 @@ def test_runner_keeps_one_prefix_for_rewinding_and_retraining(etd_lenet):
     r = AnalysisRunner(cfg, state, tr.snapshots, tr.data, "cpu")
     final = {k: v.clone() for k, v in r.subject.model.state_dict().items()}
     for g, start in ((1, 1), (4, 5), (1, 1)):
-        table, rows = r.run(("rewind", g, 0))
+        _, rows = r.run(("rewind", g, 0))
         assert r._prefix is not None and r._prefix.start == start
         assert rows == rewind_item(r.subject, final, tr.snapshots[0], g, 0)
     assert r.prefix(0) is None
