@@ -67,7 +67,7 @@ def _own(etd, ids: torch.Tensor | None):
     """masks_for of the training examples `ids` (None: all, in order) in their own masks."""
     if etd is None:
         return None
-    return (lambda i: etd.example_masks(i)) if ids is None else (lambda i: etd.example_masks(ids[i]))
+    return etd.example_masks if ids is None else (lambda i: etd.example_masks(ids[i]))
 
 
 def _fixed(etd):
