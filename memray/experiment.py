@@ -40,7 +40,8 @@ from .probes.retraining import retrain_item
 from .probes.rewinding import Prefix, rewind_item
 from .summary import epoch_metrics, final_metrics, flip_summary, layer_summary, localization_summary
 from .tables import TrialStore, check_memscores
-from .train import Diverged, Trainer, example_correctness, load_state, pick_device, predict, save_state
+from .train import (Diverged, Trainer, example_correctness, keep_freed_memory, load_state, pick_device, predict,
+                    save_state)
 
 WorkItem = tuple
 Rows = list[dict[str, Any]]
@@ -110,6 +111,7 @@ class AnalysisRunner:
                  device: torch.device | str | None = None, data_dir=None, rare: list[int] | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device()
+        keep_freed_memory()
         data = (data if data is not None else load_data(cfg.data, data_dir)).to(self.device)
         if rare is not None:
             data = data.with_rare(rare)

@@ -11,6 +11,7 @@ state so a caller can store each one once.
 from __future__ import annotations
 
 import copy
+import ctypes
 import io
 import math
 import os
@@ -60,6 +61,38 @@ def set_deterministic() -> None:
     # Deterministic mode also fills every new empty tensor with NaN (a guard against reading
     # uninitialized memory); nothing here reads it, and the fills cost a pass per allocation.
     torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+_KEEP_FREED_DONE = False
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed threshold (64-bit)
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for the next allocation instead of handing it back
+    to the kernel (a process-wide setting; nothing happens where the C library is not glibc).
+
+    torch's CPU tensors are malloc'd and freed per op. glibc's default returns a freed block of
+    more than its trim threshold at the heap's top to the kernel, and serves a block over its
+    adaptive mmap threshold by a fresh mapping: the next batch's activations then fault every
+    page in again. Measured on LeNet 40 at 28x28, one thread: one full evaluation of an ETD
+    trial (three modes, batches of 256 rows) took 6.35-6.84 s, 2.4-2.7 s of it in the kernel
+    (1.3 million page faults), and 3.72-4.06 s with freed memory kept; the 30 rewinding items of a
+    trial 29.2 s against 19.5-20.1 s. Blocks under 32 MiB then come from memory the process
+    already holds; a larger block is still mapped afresh, so the probes' CPU passes stay under
+    it (`memray.probes.flips.post_edit`)."""
+    global _KEEP_FREED_DONE
+    if _KEEP_FREED_DONE or not sys.platform.startswith("linux"):
+        return
+    _KEEP_FREED_DONE = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -164,6 +197,7 @@ class Trainer:
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else pick_device()
         set_deterministic()
+        keep_freed_memory()
         self.data = data.to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(streams.torch_seed("train.init", cfg.seed))

@@ -132,6 +132,26 @@ def test_post_edit_accuracy_of_an_empty_edit_is_the_models(trained):
     assert post["test"] == pytest.approx((pred == data.y_test).double().mean().item())
 
 
+def test_post_edit_is_the_same_in_any_passes(trained):
+    """Each (edit, sample) row is computed alone: passes of 7 rows (a pass ends mid-edit and
+    mid-sample set) give the accuracies one pass gives."""
+    subject = trained["mlp"]
+    _, ref = select_targets(subject, 3, 2, 8, seed=0)
+    samples = fixed_samples(subject.data, 19, seed=1)
+    edits = [[], [(0, 1), (1, 2)], [(2, 0)], [(0, u) for u in range(6)]]
+    subject.model.double()  # float64: no near-tie falls differently in passes of another size
+    try:
+        search = FlipSearch(subject, ref, dtype=torch.float64)
+        one = post_edit(search, samples, edits, batch_rows=8192)
+        small = post_edit(search, samples, edits, batch_rows=7)
+        default = post_edit(search, samples, edits)  # the device's default passes
+    finally:
+        subject.model.float()
+    assert small == one
+    assert default == one
+    assert [sorted(r) for r in one] == [["test", "train_clean", "train_noisy"]] * len(edits)
+
+
 def test_sites_option_restricts_the_units(trained):
     subject = trained["mlp"]
     targets, ref = select_targets(subject, 3, 0, 16, seed=0)

@@ -178,3 +178,39 @@ print(out)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[True, True, False, False, True]"
+
+
+def test_keep_freed_memory_sets_glibcs_thresholds_once(monkeypatch):
+    """keep_freed_memory() sets glibc's mmap threshold to its 32 MiB maximum and the trim threshold
+    to 1 GiB, once per process, and does nothing where libc has no mallopt. (What it saves is a
+    timing, measured in its docstring; page-fault counts vary too much between kernels to test.)"""
+    from memray import train
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(train, "_KEEP_FREED_DONE", False)
+    monkeypatch.setattr(train.sys, "platform", "linux")
+    monkeypatch.setattr(train.ctypes, "CDLL", lambda name: Libc())
+    train.keep_freed_memory()
+    train.keep_freed_memory()
+    assert calls == [(-3, 32 * 1024 * 1024), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+    def no_libc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(train, "_KEEP_FREED_DONE", False)
+    monkeypatch.setattr(train.ctypes, "CDLL", no_libc)
+    train.keep_freed_memory()  # musl, or no libc.so.6: nothing to set, no error
+    assert len(calls) == 2
+    # and for real, in a fresh process: glibc accepts both values (mallopt returns 1 on success)
+    code = ("import ctypes, platform, memray.train as t; t.keep_freed_memory(); "
+            "libc = ctypes.CDLL('libc.so.6') if platform.libc_ver()[0] == 'glibc' else None; "
+            "print([libc.mallopt(-3, t.MMAP_THRESHOLD), libc.mallopt(-1, t.TRIM_THRESHOLD)] if libc else 'no glibc')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() in ("[1, 1]", "no glibc")
