@@ -66,21 +66,26 @@ def set_deterministic() -> None:
 _KEEP_FREED_DONE = False
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed threshold (64-bit)
 TRIM_THRESHOLD = 1 << 30
+TOP_PAD = 64 * 1024 * 1024  # glibc's HEAP_MAX_SIZE on 64-bit: a thread arena's largest heap
 
 
 def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for the next allocation instead of handing it back
     to the kernel (a process-wide setting; nothing happens where the C library is not glibc).
 
-    torch's CPU tensors are malloc'd and freed per op. glibc's default returns a freed block of
-    more than its trim threshold at the heap's top to the kernel, and serves a block over its
-    adaptive mmap threshold by a fresh mapping: the next batch's activations then fault every
-    page in again. Measured on LeNet 40 at 28x28, one thread: one full evaluation of an ETD
-    trial (three modes, batches of 256 rows) took 6.35-6.84 s, 2.4-2.7 s of it in the kernel
-    (1.3 million page faults), and 3.72-4.06 s with freed memory kept; the 30 rewinding items of a
-    trial 29.2 s against 19.5-20.1 s. Blocks under 32 MiB then come from memory the process
-    already holds; a larger block is still mapped afresh, so the probes' CPU passes stay under
-    it (`memray.probes.flips.post_edit`)."""
+    torch's CPU tensors are malloc'd and freed per op. By glibc's defaults a freed block of more
+    than the trim threshold at the top of the heap goes back to the kernel, a block over the
+    adaptive mmap threshold is mapped afresh, and in a thread's own arena (a Tune trainable runs in
+    a thread) a heap left empty is unmapped: the next batch's activations then fault every page in
+    again. Three settings stop that: the mmap threshold at its 32 MiB maximum, the trim threshold
+    at 1 GiB, and 64 MiB of top padding (a thread arena's heap is at most 64 MiB, so none is
+    unmapped). Measured on LeNet 40 at 28x28, one thread, one full evaluation of an ETD trial
+    (three modes, batches of 256 rows): 6.35-6.84 s by the defaults, 2.4-2.7 s of it in the kernel
+    (1.3 million page faults); 3.72-4.06 s with the two thresholds set. In a thread: 5.57-5.70 s
+    with the thresholds alone, 3.62-3.99 s with the padding too, set before the thread's first
+    large tensors (the trainables call this first; set after the data was loaded, 4.74-5.04 s).
+    The 30 rewinding items of a trial took 29.2 s against 19.5-20.1 s. A block over 32 MiB is
+    still mapped afresh, so the probes' CPU passes stay under it (`memray.probes.flips.post_edit`)."""
     global _KEEP_FREED_DONE
     if _KEEP_FREED_DONE or not sys.platform.startswith("linux"):
         return
@@ -90,9 +95,10 @@ def keep_freed_memory() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    mallopt(M_TOP_PAD, TOP_PAD)
 
 
 # ----------------------------------------------------------------------------- evaluation

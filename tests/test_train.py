@@ -181,8 +181,8 @@ print(out)
 
 
 def test_keep_freed_memory_sets_glibcs_thresholds_once(monkeypatch):
-    """keep_freed_memory() sets glibc's mmap threshold to its 32 MiB maximum and the trim threshold
-    to 1 GiB, once per process, and does nothing where libc has no mallopt. (What it saves is a
+    """keep_freed_memory() sets glibc's mmap threshold to its 32 MiB maximum, the trim threshold
+    to 1 GiB and the top padding to 64 MiB, once per process, and does nothing where libc has no mallopt. (What it saves is a
     timing, measured in its docstring; page-fault counts vary too much between kernels to test.)"""
     from memray import train
 
@@ -198,7 +198,7 @@ def test_keep_freed_memory_sets_glibcs_thresholds_once(monkeypatch):
     monkeypatch.setattr(train.ctypes, "CDLL", lambda name: Libc())
     train.keep_freed_memory()
     train.keep_freed_memory()
-    assert calls == [(-3, 32 * 1024 * 1024), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert calls == [(-3, 32 * 1024 * 1024), (-1, 1 << 30), (-2, 64 * 1024 * 1024)]  # mmap, trim, top pad
 
     def no_libc(name):
         raise OSError(f"{name}: cannot open shared object file")
@@ -206,11 +206,12 @@ def test_keep_freed_memory_sets_glibcs_thresholds_once(monkeypatch):
     monkeypatch.setattr(train, "_KEEP_FREED_DONE", False)
     monkeypatch.setattr(train.ctypes, "CDLL", no_libc)
     train.keep_freed_memory()  # musl, or no libc.so.6: nothing to set, no error
-    assert len(calls) == 2
+    assert len(calls) == 3
     # and for real, in a fresh process: glibc accepts both values (mallopt returns 1 on success)
     code = ("import ctypes, platform, memray.train as t; t.keep_freed_memory(); "
             "libc = ctypes.CDLL('libc.so.6') if platform.libc_ver()[0] == 'glibc' else None; "
-            "print([libc.mallopt(-3, t.MMAP_THRESHOLD), libc.mallopt(-1, t.TRIM_THRESHOLD)] if libc else 'no glibc')")
+            "print([libc.mallopt(-3, t.MMAP_THRESHOLD), libc.mallopt(-1, t.TRIM_THRESHOLD), libc.mallopt(-2, t.TOP_PAD)] "
+            "if libc else 'no glibc')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() in ("[1, 1]", "no glibc")
+    assert p.stdout.strip() in ("[1, 1, 1]", "no glibc")

@@ -17,6 +17,7 @@ import torch
 from memray.config import ExperimentConfig
 from memray.data import load_data
 from memray.experiment import AnalysisJob, AnalysisRunner, Executor
+from memray.train import keep_freed_memory
 
 from .resources import share, threads
 
@@ -27,6 +28,7 @@ class AnalysisWorker:
     dataset once for every trial that uses it."""
 
     def __init__(self, data_dir: str | None, n_threads: int):
+        keep_freed_memory()
         torch.set_num_threads(n_threads)
         self.data_dir = data_dir
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"

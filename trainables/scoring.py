@@ -30,6 +30,9 @@ def score_trial(config: dict[str, Any]) -> None:
 
     from memray.data import load_data
     from memray.memscores import ScoringRun
+    from memray.train import keep_freed_memory
+
+    keep_freed_memory()  # before this thread's first large tensors (see its docstring)
 
     cfg = ScoreConfig.from_dict(config["score"])
     results, sweep, key = config["results_dir"], config["sweep"], cfg.trial_key

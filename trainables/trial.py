@@ -65,9 +65,11 @@ def train_trial(config: dict[str, Any]) -> None:
     import torch
 
     from memray.experiment import Trial, finished_result
+    from memray.train import keep_freed_memory
 
     from .actors import analysis_executor
 
+    keep_freed_memory()  # before this thread's first large tensors (see its docstring)
     exp = ExperimentConfig.from_dict(config["exp"])
     store = TrialStore(config["results_dir"], config["sweep"], exp.trial_key)
     node_id = ray.get_runtime_context().get_node_id()
