@@ -126,12 +126,12 @@ def post_edit(search: FlipSearch, samples: dict[str, torch.Tensor], units_per_ta
         for start in range(0, len(units_per_target), per):
             k = keep[start:start + per]
             right = torch.empty(k.shape[0] * n, dtype=torch.bool, device=search.device)
+            masks, _ = search.site_masks(k, 1)  # one row per edit
+            masks = [m.detach() for m in masks]
             for a in range(0, k.shape[0] * n, batch_rows):  # rows a..b of (edit, sample) pairs
                 b = min(a + batch_rows, k.shape[0] * n)
                 rows = torch.arange(a, b, device=search.device)
-                masks, _ = search.site_masks(k, 1)
-                masks = [m[rows // n] for m in masks]
-                pred = search.forward(x[rows % n], [m.detach() for m in masks]).argmax(1)
+                pred = search.forward(x[rows % n], [m[rows // n] for m in masks]).argmax(1)
                 right[a:b] = pred == y[rows % n]
             acc = right.view(k.shape[0], n).double().mean(1).tolist()
             for j, v in enumerate(acc):
