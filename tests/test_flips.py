@@ -134,7 +134,8 @@ def test_post_edit_accuracy_of_an_empty_edit_is_the_models(trained):
 
 def test_post_edit_is_the_same_in_any_passes(trained):
     """Each (edit, sample) row is computed alone: passes of 7 rows (a pass ends mid-edit and
-    mid-sample set) give the accuracies one pass gives."""
+    mid-sample set) give the accuracies one pass gives, and both equal each edited model's
+    accuracy computed directly (its zeroed units' masks on every sample, one forward pass)."""
     subject = trained["mlp"]
     _, ref = select_targets(subject, 3, 2, 8, seed=0)
     samples = fixed_samples(subject.data, 19, seed=1)
@@ -145,8 +146,23 @@ def test_post_edit_is_the_same_in_any_passes(trained):
         one = post_edit(search, samples, edits, batch_rows=8192)
         small = post_edit(search, samples, edits, batch_rows=7)
         default = post_edit(search, samples, edits)  # the device's default passes
+        data = subject.data
+        sets = {"train_clean": (data.x_train[samples["train_clean"]], data.y_train[samples["train_clean"]]),
+                "train_noisy": (data.x_train[samples["train_noisy"]], data.y_train[samples["train_noisy"]]),
+                "test": (data.x_test[samples["test"]], data.y_test[samples["test"]])}
+        direct = []
+        for edit in edits:
+            keep = search.keep_rows([edit])
+            acc = {}
+            for name, (x, y) in sets.items():
+                masks, _ = search.site_masks(keep, x.shape[0])
+                with torch.no_grad():
+                    pred = search.forward(x, [m.detach() for m in masks]).argmax(1)
+                acc[name] = (pred == y).double().mean().item()
+            direct.append(acc)
     finally:
         subject.model.float()
+    assert one == direct
     assert small == one
     assert default == one
     assert [sorted(r) for r in one] == [["test", "train_clean", "train_noisy"]] * len(edits)

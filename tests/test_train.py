@@ -182,8 +182,9 @@ print(out)
 
 def test_keep_freed_memory_sets_glibcs_thresholds_once(monkeypatch):
     """keep_freed_memory() sets glibc's mmap threshold to its 32 MiB maximum, the trim threshold
-    to 1 GiB and the top padding to 64 MiB, once per process, and does nothing where libc has no mallopt. (What it saves is a
-    timing, measured in its docstring; page-fault counts vary too much between kernels to test.)"""
+    to 1 GiB and the top padding to 64 MiB, once per process, and does nothing where libc has no
+    mallopt. (What it saves is a timing, measured in its docstring; page-fault counts vary too
+    much between runs and kernels to test.)"""
     from memray import train
 
     calls = []
@@ -207,7 +208,7 @@ def test_keep_freed_memory_sets_glibcs_thresholds_once(monkeypatch):
     monkeypatch.setattr(train.ctypes, "CDLL", no_libc)
     train.keep_freed_memory()  # musl, or no libc.so.6: nothing to set, no error
     assert len(calls) == 3
-    # and for real, in a fresh process: glibc accepts both values (mallopt returns 1 on success)
+    # and for real, in a fresh process: glibc accepts the three values (mallopt returns 1 on success)
     code = ("import ctypes, platform, memray.train as t; t.keep_freed_memory(); "
             "libc = ctypes.CDLL('libc.so.6') if platform.libc_ver()[0] == 'glibc' else None; "
             "print([libc.mallopt(-3, t.MMAP_THRESHOLD), libc.mallopt(-1, t.TRIM_THRESHOLD), libc.mallopt(-2, t.TOP_PAD)] "
